@@ -1,0 +1,59 @@
+"""Shared test fixtures. Tests use fixed seeds and small randomly initialised models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+E2E_DIR = SHARED / "data" / "e2e"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def e2e_dir() -> Path:
+    if not (E2E_DIR / "devset.csv").exists():
+        pytest.skip(f"E2E data not found at {E2E_DIR}")
+    return E2E_DIR
+
+
+def tiny_gpt2(vocab_size: int = 128, n_layer: int = 2, n_embd: int = 32, n_head: int = 4):
+    """A small randomly initialised GPT-2 (Conv1D layers, fused c_attn), eval mode, fp32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, bos_token_id=vocab_size - 1,
+                        eos_token_id=vocab_size - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(vocab_size: int = 128, n_layer: int = 2, hidden: int = 32, heads: int = 4):
+    """A small randomly initialised LLaMA-style decoder (SmolLM2's architecture), eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=n_layer, num_attention_heads=heads,
+                         num_key_value_heads=heads // 2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(vocab_size: int = 128, n_layer: int = 2, hidden: int = 32, heads: int = 4,
+              num_labels: int = 2):
+    """A small randomly initialised BERT sequence classifier (MiniLM's architecture)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layer,
+                        num_attention_heads=heads, intermediate_size=2 * hidden,
+                        max_position_embeddings=64, num_labels=num_labels,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).eval()
