@@ -1,0 +1,539 @@
+"""E2E NLG Challenge metrics, computed the way the challenge's official scorer computes them.
+
+The official scorer (`measure_scores.py` of tuetschek/e2e-metrics) reports five numbers:
+
+* BLEU and NIST from NIST's `mteval-v13a` Perl script: corpus level, several references per
+  source, the script's own normalisation (ASCII lower-casing, punctuation split off), BLEU with
+  the "closest reference length" brevity penalty and NIST with n-gram information weights
+  estimated from the reference corpus. Re-implemented here in Python (`mteval_bleu_nist`),
+  including the script's quirks: the references are padded to the largest reference count, and
+  NIST's average reference length divides by that padded count.
+* METEOR 1.5, ROUGE-L and CIDEr from the MS-COCO caption evaluation code (pycocoevalcap) on text
+  tokenised by the Stanford PTB tokenizer (`-preserveLines -lowerCase`, punctuation tokens
+  dropped). METEOR and the tokenizer are the original Java jars, shipped in the `pycocoevalcap`
+  wheel; each runs in one JVM call for the whole corpus. ROUGE-L (beta 1.2, best precision and
+  best recall over references) and CIDEr (tf-idf n-gram cosine with document frequencies taken
+  from this corpus's references, Gaussian length penalty sigma 6, times 10) are re-implemented.
+
+Why re-implement rather than call the originals: the Perl script needs XML::Twig and file
+plumbing, and the Python COCO scorers start one JVM per call; our versions are pure functions
+that agree with the originals (see README "Metrics and how they were validated").
+
+Also computed: sacreBLEU BLEU, chrF and TER (sacrebleu, on 0..100 scales as sacrebleu reports
+them) and ROUGE-1/2/L F-measure (rouge-score, best reference per segment, mean over segments).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from loralab.errors import UserError
+
+E2E_KEYS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+
+# --------------------------------------------------------------------------- input files
+
+_MR_HEADER = re.compile(r"(mr|src|source|meaning(?:[_ .-]rep(?:resentation)?)?|da|dial(?:ogue)?[_ .-]act)s?$", re.I)
+_OUT_HEADER = re.compile(r"(out(?:put)?|sys(?:tem)?(?:[_ .-](?:out(?:put)?))?|pred(?:iction)?|hyp(?:othesis)?)s?$", re.I)
+_REF_HEADER = re.compile(r"(trg|tgt|target|ref(?:erence)?|human(?:[_ .-](?:ref(?:erence)?))?)s?$", re.I)
+# Encoding damage present in some E2E releases; the official reader repairs it the same way.
+_MOJIBAKE = (("Ł", "£"), ("Â£", "£"), ("Ã©", "é"), ("ã©", "é"))
+
+
+def _is_table(path: Path) -> bool:
+    return path.suffix.lower() in (".csv", ".tsv")
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"file not found: {path}; pass an existing CSV or text file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason}); re-save it as UTF-8") from exc
+
+
+def _read_table(path: Path, second: re.Pattern, second_name: str) -> tuple[list[str], list[str]]:
+    """Rows of a CSV/TSV with an MR column and one text column, found by header name."""
+    text = _read_text(path)
+    for bad, good in _MOJIBAKE:
+        text = text.replace(bad, good)
+    lines = text.splitlines()
+    if not lines:
+        raise UserError(f"{path} is empty; it needs a header row `mr,{second_name}` and data rows")
+    delimiter = "\t" if "\t" in lines[0] else ","
+    rows = [row for row in csv.reader(lines, delimiter=delimiter) if row]
+    header = [h.strip() for h in rows[0]]
+    mr_cols = [i for i, h in enumerate(header) if _MR_HEADER.match(h)]
+    txt_cols = [i for i, h in enumerate(header) if second.match(h)]
+    if len(mr_cols) != 1 or len(txt_cols) != 1:
+        raise UserError(f"{path}: expected one `mr` column and one `{second_name}` column in the "
+                        f"header, found {header}; name the columns `mr,{second_name}`")
+    bad = [n for n, row in enumerate(rows[1:], start=2) if len(row) != len(header)]
+    if bad:
+        raise UserError(f"{path}: rows {bad[:5]} have {len(rows[bad[0] - 1])} fields, the header "
+                        f"has {len(header)}; quote fields that contain the delimiter")
+    mrs = [row[mr_cols[0]] for row in rows[1:]]
+    texts = [row[txt_cols[0]] for row in rows[1:]]
+    return mrs, texts
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in _read_text(path).splitlines()]
+
+
+def _read_multi_ref_lines(path: Path) -> list[list[str]]:
+    """Groups of references separated by blank lines; a file with no blank line is read as one
+    reference per source (as the official reader does). Repeated blank lines count as one."""
+    groups: list[list[str]] = [[]]
+    for line in _read_lines(path):
+        if line:
+            groups[-1].append(line)
+        elif groups[-1]:
+            groups.append([])
+    if not groups[-1]:
+        groups.pop()
+    if len(groups) == 1:
+        groups = [[ref] for ref in groups[0]]
+    return groups
+
+
+def read_score_inputs(refs_path: str | os.PathLike, sys_path: str | os.PathLike
+                      ) -> tuple[list[list[str]], list[str]]:
+    """Read references and system outputs: (references per source, one output per source).
+
+    Either file may be CSV/TSV (by extension) or plain text. SYSTEM as CSV has columns
+    `mr,output` (one row per MR); as text, one output per line. REFS as CSV has columns `mr,ref`
+    with several rows per MR; as text, references one per line, blank line between sources.
+    When both are CSV the references are matched to outputs by MR; otherwise consecutive rows
+    with the same MR form one source, in file order.
+    """
+    refs_path, sys_path = Path(refs_path), Path(sys_path)
+    sys_mrs: list[str] | None = None
+    if _is_table(sys_path):
+        sys_mrs, outputs = _read_table(sys_path, _OUT_HEADER, "output")
+    else:
+        outputs = [line for line in _read_lines(sys_path)]
+        while outputs and not outputs[-1]:
+            outputs.pop()
+    if _is_table(refs_path):
+        ref_mrs, ref_texts = _read_table(refs_path, _REF_HEADER, "ref")
+        if sys_mrs is not None:
+            by_mr: dict[str, list[str]] = {}
+            for mr, ref in zip(ref_mrs, ref_texts):
+                by_mr.setdefault(mr, []).append(ref)
+            missing = [mr for mr in sys_mrs if mr not in by_mr]
+            if missing:
+                raise UserError(f"{len(missing)} MR(s) of {sys_path} have no reference in "
+                                f"{refs_path}, e.g. {missing[0]!r}; score against the matching "
+                                "reference file")
+            refs = [by_mr[mr] for mr in sys_mrs]
+        else:
+            refs = []
+            previous = None
+            for mr, ref in zip(ref_mrs, ref_texts):
+                if not refs or mr != previous:
+                    refs.append([ref])
+                    previous = mr
+                else:
+                    refs[-1].append(ref)
+    else:
+        refs = _read_multi_ref_lines(refs_path)
+    if not outputs:
+        raise UserError(f"{sys_path} holds no system outputs; give one output per line or row")
+    if len(refs) != len(outputs):
+        raise UserError(f"{sys_path} has {len(outputs)} outputs but {refs_path} has references "
+                        f"for {len(refs)} sources; the counts must match (one output per source)")
+    return refs, outputs
+
+
+# --------------------------------------------------------------------------- mteval-v13a
+
+_MTEVAL_PUNCT = re.compile(r"([{-~\[-` -&(-+:-@/])")
+_MTEVAL_PERIOD_COMMA_AFTER = re.compile(r"([^0-9])([.,])")
+_MTEVAL_PERIOD_COMMA_BEFORE = re.compile(r"([.,])([^0-9])")
+_MTEVAL_DIGIT_DASH = re.compile(r"([0-9])(-)")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def mteval_tokenize(text: str, lowercase: bool = True) -> list[str]:
+    """mteval-v13a's default ("western") normalisation, then split on whitespace.
+
+    Entities &quot; &amp; &lt; &gt; are decoded; only ASCII A-Z is lower-cased; ASCII
+    punctuation and symbols except ' - . , are split off; . and , are split off unless they sit
+    between digits; a - after a digit is split off.
+    """
+    t = re.sub(r"\s+", " ", text)  # the script joins the SGML segment's whitespace first
+    t = t.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    t = t.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    t = f" {t} "
+    if lowercase:
+        t = t.translate(_ASCII_LOWER)
+    t = _MTEVAL_PUNCT.sub(r" \1 ", t)
+    t = _MTEVAL_PERIOD_COMMA_AFTER.sub(r"\1 \2 ", t)
+    t = _MTEVAL_PERIOD_COMMA_BEFORE.sub(r" \1 \2", t)
+    t = _MTEVAL_DIGIT_DASH.sub(r"\1 \2 ", t)
+    return t.split()
+
+
+def _ngram_counts(words: Sequence[str], max_n: int) -> Counter:
+    counts: Counter = Counter()
+    for n in range(1, max_n + 1):
+        for i in range(len(words) - n + 1):
+            counts[tuple(words[i:i + n])] += 1
+    return counts
+
+
+def _nist_length_penalty(ratio: float) -> float:
+    """NIST's brevity factor: 1 at ratio >= 1, 0.5 at ratio 2/3, exp(-beta log^2 ratio)."""
+    if ratio >= 1:
+        return 1.0
+    if ratio <= 0:
+        return 0.0
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    return math.exp(-beta * math.log(ratio) ** 2)
+
+
+def mteval_bleu_nist(refs: Sequence[Sequence[str]], hyps: Sequence[str], *,
+                     lowercase: bool = True) -> dict[str, float]:
+    """Corpus BLEU-4 and NIST-5 exactly as mteval-v13a computes them (default options).
+
+    BLEU = BP * exp(mean_{n<=4} log p_n), p_n = clipped n-gram matches / hypothesis n-grams
+    summed over the corpus, BP = exp(min(0, 1 - r/c)) with r the sum over segments of the
+    reference length closest to the hypothesis length (ties -> shorter); a zero match count is
+    smoothed to 1/2^k as the script does. NIST = sum_{n<=5} info(matched n-grams) / hypothesis
+    n-grams, info(w1..wn) = -log2(count(w1..wn) / count(w1..wn-1)) over all references, times
+    the NIST length penalty of c / (total reference words / number of reference sets).
+    """
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} reference lists")
+    max_n = 5
+    tok_refs = [[mteval_tokenize(r, lowercase) for r in rs] for rs in refs]
+    tok_hyps = [mteval_tokenize(h, lowercase) for h in hyps]
+    n_ref_sets = max((len(rs) for rs in refs), default=0)  # the script pads to this many
+
+    ref_ngram_total: Counter = Counter()
+    total_ref_words = 0
+    ref_counts = []
+    for rs in tok_refs:
+        per_ref = [_ngram_counts(r, max_n) for r in rs]
+        ref_counts.append(per_ref)
+        for r, c in zip(rs, per_ref):
+            total_ref_words += len(r)
+            ref_ngram_total.update(c)
+    if total_ref_words == 0:
+        raise ValueError("the references contain no words")
+    info: dict[tuple, float] = {}
+    for gram, count in ref_ngram_total.items():
+        denom = ref_ngram_total[gram[:-1]] if len(gram) > 1 else total_ref_words
+        info[gram] = -math.log2(count / denom)
+
+    ref_length = 0
+    match = [0] * (max_n + 1)
+    tst = [0] * (max_n + 1)
+    tst_info = [0.0] * (max_n + 1)
+    for hyp, rs, rcs in zip(tok_hyps, tok_refs, ref_counts):
+        c = len(hyp)
+        closest = None
+        for r in rs:
+            if closest is None:
+                closest = len(r)
+            elif len(r) and (abs(c - len(r)) < abs(c - closest)
+                             or (abs(c - len(r)) == abs(c - closest) and len(r) < closest)):
+                closest = len(r)
+        ref_length += closest or 0
+        ref_max: Counter = Counter()
+        for rc in rcs:
+            ref_max |= rc
+        for n in range(1, max_n + 1):
+            tst[n] += max(c - n + 1, 0)
+        for gram, count in _ngram_counts(hyp, max_n).items():
+            if gram in ref_max:
+                clipped = min(count, ref_max[gram])
+                match[len(gram)] += clipped
+                tst_info[len(gram)] += info[gram] * clipped
+
+    # BLEU (smoothed as the script's default `bleu_score`)
+    exp_len = math.exp(min(0.0, 1 - ref_length / tst[1])) if tst[1] > 0 else 0.0
+    log_sum, smooth = 0.0, 1
+    for n in range(1, 5):
+        if tst[n] == 0:
+            iscore = 0.0
+        elif match[n] == 0:
+            smooth *= 2
+            iscore = math.log(1 / (smooth * tst[n]))
+        else:
+            iscore = math.log(match[n] / tst[n])
+        log_sum += iscore
+    bleu = math.exp(log_sum / 4) * exp_len
+
+    nist = sum(tst_info[n] / max(tst[n], 1) for n in range(1, max_n + 1))
+    nist *= _nist_length_penalty(tst[1] / (total_ref_words / n_ref_sets))
+    return {"BLEU": bleu, "NIST": nist}
+
+
+# --------------------------------------------------------------------------- Java tools
+
+PTB_PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?",
+                             "!", ",", ":", "-", "--", "...", ";"])
+
+
+def _coco_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pycocoevalcap")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("pycocoevalcap is not installed (it ships the METEOR 1.5 and PTB "
+                        "tokenizer jars); run `pip install pycocoevalcap`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def java_executable() -> str:
+    """Path of `java`, or a UserError that says how to install it."""
+    java = shutil.which("java")
+    if java is None:
+        raise UserError("Java not found: METEOR 1.5 and the PTB tokenizer behind METEOR, "
+                        "ROUGE_L and CIDEr are Java programs; install a JRE (`sudo apt-get install "
+                        "default-jre-headless` or scripts/system-deps.sh), or pass --no-java")
+    return java
+
+
+def ptb_tokenize(texts: Sequence[str]) -> list[str]:
+    """Stanford PTB tokenisation as the COCO caption code runs it, in one JVM call.
+
+    `PTBTokenizer -preserveLines -lowerCase`, then the COCO punctuation tokens are dropped.
+    (It also rewrites brackets to -LRB- etc. and the pound sign to `#`, as the official scorer's
+    tokenizer does.)
+    """
+    jar = _coco_dir() / "tokenizer" / "stanford-corenlp-3.4.1.jar"
+    java = java_executable()
+    clean = [re.sub(r"[\r\n\u2028\u2029\x0b\x0c\x85]", " ", t) for t in texts]
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as fh:
+        fh.write("\n".join(clean))
+        name = fh.name
+    try:
+        proc = subprocess.run([java, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
+                               "-preserveLines", "-lowerCase", name],
+                              capture_output=True, check=False)
+    finally:
+        os.unlink(name)
+    if proc.returncode != 0:
+        raise RuntimeError(f"PTB tokenizer failed: {proc.stderr.decode(errors='replace')[-500:]}")
+    lines = proc.stdout.decode("utf-8", errors="replace").split("\n")
+    if len(lines) < len(texts):
+        # trailing empty inputs may produce no output line
+        if any(t.strip() for t in clean[len(lines):]):
+            raise RuntimeError(f"PTB tokenizer returned {len(lines)} lines for {len(texts)}")
+        lines += [""] * (len(texts) - len(lines))
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in PTB_PUNCTUATION)
+            for line in lines[:len(texts)]]
+
+
+def meteor_score(refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> tuple[float, list[float]]:
+    """METEOR 1.5 (`-l en -norm`) corpus score and segment scores, one JVM for the corpus.
+
+    As the COCO wrapper does: one `SCORE ||| refs ||| hyp` line per segment returns sufficient
+    statistics; one `EVAL ||| stats ||| ...` line returns each segment's score and the corpus
+    score, which aggregates the statistics (it is not the mean of the segment scores).
+    """
+    jar = _coco_dir() / "meteor" / "meteor-1.5.jar"
+    java = java_executable()
+    proc = subprocess.Popen([java, "-jar", "-Xmx2G", str(jar), "-", "-", "-stdio", "-l", "en",
+                             "-norm"], cwd=str(jar.parent), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    lines = []
+    for rs, hyp in zip(refs, hyps):
+        hyp = hyp.replace("|||", "").replace("  ", " ")
+        lines.append(" ||| ".join(("SCORE", " ||| ".join(rs), hyp)) + "\n")
+    payload = "".join(lines).encode("utf-8")
+
+    def write() -> None:
+        try:
+            proc.stdin.write(payload)
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        stats = [proc.stdout.readline().decode().strip() for _ in hyps]
+        writer.join()
+        if any(not s for s in stats):
+            raise RuntimeError("METEOR stopped early: "
+                               + proc.stderr.read().decode(errors="replace")[-500:])
+        proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+        proc.stdin.flush()
+        segment = [float(proc.stdout.readline().strip()) for _ in hyps]
+        corpus = float(proc.stdout.readline().strip())
+    finally:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        proc.kill()
+        proc.wait()
+    return corpus, segment
+
+
+# --------------------------------------------------------------------------- COCO scorers
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (O(len a * len b) dynamic programme)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b, start=1):
+            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def coco_rouge_l(refs: Sequence[Sequence[str]], hyps: Sequence[str], beta: float = 1.2
+                 ) -> tuple[float, list[float]]:
+    """COCO ROUGE-L on tokenised text: per segment F_beta of (best LCS precision over refs,
+    best LCS recall over refs), beta = 1.2; corpus score = mean over segments."""
+    scores = []
+    for rs, hyp in zip(refs, hyps):
+        h = hyp.split(" ")
+        best_p = best_r = 0.0
+        for ref in rs:
+            r = ref.split(" ")
+            lcs = _lcs_length(r, h)
+            best_p = max(best_p, lcs / len(h))
+            best_r = max(best_r, lcs / len(r))
+        if best_p and best_r:
+            scores.append((1 + beta**2) * best_p * best_r / (best_r + beta**2 * best_p))
+        else:
+            scores.append(0.0)
+    return (sum(scores) / len(scores) if scores else 0.0), scores
+
+
+def coco_cider(refs: Sequence[Sequence[str]], hyps: Sequence[str], n: int = 4,
+               sigma: float = 6.0) -> tuple[float, list[float]]:
+    """COCO CIDEr (not CIDEr-D) on tokenised text.
+
+    For each n <= 4, n-grams weigh tf * (log N - log max(1, df)), with N the number of sources
+    and df the number of sources whose references contain the n-gram (so the idf comes from the
+    scored corpus, as in the official scorer). Per reference: cosine with clipping
+    sum min(h, r) * r / (|h| |r|), times exp(-delta^2 / (2 sigma^2)) where delta is the
+    difference in bigram counts (the COCO code's "length"); averaged over n and references,
+    times 10. Corpus score = mean over sources.
+    """
+    def grams(text: str) -> Counter:
+        return _ngram_counts(text.split(), n)
+
+    ref_grams = [[grams(r) for r in rs] for rs in refs]
+    hyp_grams = [grams(h) for h in hyps]
+    df: Counter = Counter()
+    for rgs in ref_grams:
+        df.update(set().union(*rgs) if rgs else set())
+    log_n = math.log(float(len(refs)))
+
+    def vector(counts: Counter) -> tuple[list[dict], list[float], int]:
+        vec: list[dict] = [{} for _ in range(n)]
+        norm = [0.0] * n
+        bigrams = 0
+        for gram, tf in counts.items():
+            k = len(gram) - 1
+            w = tf * (log_n - math.log(max(1.0, df.get(gram, 0))))
+            vec[k][gram] = w
+            norm[k] += w * w
+            if k == 1:
+                bigrams += tf
+        return vec, [math.sqrt(x) for x in norm], bigrams
+
+    scores = []
+    for hg, rgs in zip(hyp_grams, ref_grams):
+        vh, nh, lh = vector(hg)
+        total = 0.0
+        for rg in rgs:
+            vr, nr, lr = vector(rg)
+            penalty = math.exp(-((lh - lr) ** 2) / (2 * sigma**2))
+            for k in range(n):
+                val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
+                if nh[k] != 0 and nr[k] != 0:
+                    val /= nh[k] * nr[k]
+                total += val * penalty
+        scores.append(total / n / len(rgs) * 10.0)
+    return (sum(scores) / len(scores) if scores else 0.0), scores
+
+
+# --------------------------------------------------------------------------- extra metrics
+
+def sacrebleu_scores(refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> dict[str, float]:
+    """sacreBLEU BLEU, chrF and TER with default settings (0..100), variable reference counts
+    padded with None as sacrebleu allows."""
+    import sacrebleu
+
+    width = max(len(rs) for rs in refs)
+    streams = [[rs[i] if i < len(rs) else None for rs in refs] for i in range(width)]
+    return {"sacreBLEU": sacrebleu.corpus_bleu(list(hyps), streams).score,
+            "chrF": sacrebleu.corpus_chrf(list(hyps), streams).score,
+            "TER": sacrebleu.corpus_ter(list(hyps), streams).score}
+
+
+def rouge_score_f(refs: Sequence[Sequence[str]], hyps: Sequence[str], *,
+                  use_stemmer: bool = False) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2, ROUGE-L F-measure from rouge-score: per segment the best reference
+    (`score_multi`), then the mean over segments; fractions 0..1."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=use_stemmer)
+    sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for rs, hyp in zip(refs, hyps):
+        result = scorer.score_multi(list(rs), hyp)
+        for key in sums:
+            sums[key] += result[key].fmeasure
+    return {key: value / len(hyps) for key, value in sums.items()}
+
+
+# --------------------------------------------------------------------------- everything
+
+def score_e2e(refs: Sequence[Sequence[str]], hyps: Sequence[str], *, java: bool = True
+              ) -> dict[str, float]:
+    """All metrics for one system: the official E2E five (BLEU and METEOR as fractions 0..1,
+    NIST, ROUGE_L, CIDEr), sacreBLEU/chrF/TER (0..100), rouge-score F (0..1).
+
+    With `java=False`, METEOR, ROUGE_L and CIDEr (which need the Java PTB tokenizer) are left
+    out rather than computed on different tokens.
+    """
+    refs = [list(rs) for rs in refs]
+    hyps = list(hyps)
+    if len(refs) != len(hyps):
+        raise UserError(f"{len(hyps)} outputs but references for {len(refs)} sources; "
+                        "give one output per source")
+    if not hyps:
+        raise UserError("nothing to score: no outputs; give at least one output")
+    empty = [i for i, rs in enumerate(refs) if not any(r.strip() for r in rs)]
+    if empty:
+        raise UserError(f"source {empty[0] + 1} has no non-empty reference; every source needs "
+                        "at least one reference")
+    scores: dict[str, float] = dict(mteval_bleu_nist(refs, hyps))
+    if java:
+        flat = [r for rs in refs for r in rs] + hyps
+        tokens = ptb_tokenize(flat)
+        tok_refs, pos = [], 0
+        for rs in refs:
+            tok_refs.append(tokens[pos:pos + len(rs)])
+            pos += len(rs)
+        tok_hyps = tokens[pos:]
+        scores["METEOR"] = meteor_score(tok_refs, tok_hyps)[0]
+        scores["ROUGE_L"] = coco_rouge_l(tok_refs, tok_hyps)[0]
+        scores["CIDEr"] = coco_cider(tok_refs, tok_hyps)[0]
+    scores.update(sacrebleu_scores(refs, hyps))
+    scores.update(rouge_score_f(refs, hyps))
+    return scores
