@@ -1,0 +1,681 @@
+"""Studies: a YAML file -> a matrix of runs (strategy x seed) -> records in the results database.
+
+A study fixes everything but the fine-tuning strategy: one model, one task, one training set,
+one or more evaluation sets and one budget (steps or epochs, batch, sequence length, learning
+rate). Every strategy trains on the same data in the same order (the data order depends only on
+the seed, and every strategy of a seed gets the same seed), so differences between rows come
+from the strategy alone. The untuned model (`method: none`) is always a row: it is the baseline
+every other row has to beat.
+
+`run_study` is resumable at any point: a run whose row says `finished` (with the same config) is
+skipped; a run whose directory has a `record.json` that says finished is ingested without
+training; a run with checkpoints is resumed (`resume=True`); anything else is trained afresh.
+The function that trains one run is injected (`run_fn(config: dict, resume: bool) -> record`),
+so the bookkeeping is testable without training and `train.train` is wired in by default.
+
+    name: default                 # study name: output goes to <out>/<name>/
+    model: smollm2-135m           # a bundled name, a local dir or a hub id
+    task: lm                      # lm | classify | generate
+    data: wiki-leads              # training set: a preset name or {name, fraction, options}
+    eval: [wiki-leads, wiki-lambada]   # eval sets: names or {name, data, split, max_examples}
+    budget: {max_steps: 20, batch_size: 4, grad_accum: 1, seq_len: 96, lr: 2.0e-4}
+    seeds: 1                      # an int N (seeds 0..N-1) or a list of seeds
+    strategies:
+      - {name: full, method: full, lr: 5.0e-5}
+      - {name: lora-1, method: lora, preset: attn, rank: 8, alpha: 16}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loralab.errors import UserError
+
+METHODS = ("none", "full", "head", "lora", "lora-head", "qat-lora")
+TASKS = ("lm", "classify", "generate")
+PRESETS = ("qv", "attn", "attn-proj", "attn-proj-ffn", "all")
+
+STUDY_FIELDS = ("name", "description", "model", "task", "data", "eval", "budget", "seeds",
+                "strategies", "published", "train_options", "num_labels")
+DATA_FIELDS = ("name", "fraction", "options")
+EVAL_FIELDS = ("name", "data", "split", "max_examples", "options")
+BUDGET_FIELDS = ("epochs", "max_steps", "batch_size", "grad_accum", "seq_len", "lr",
+                 "warmup_steps", "weight_decay", "label_smoothing", "eval_max_examples",
+                 "eval_every", "dtype")
+STRATEGY_FIELDS = ("name", "method", "preset", "targets", "rank", "alpha", "dropout", "lr",
+                   "rslora", "train_head", "epochs", "max_steps", "options")
+PUBLISHED_FIELDS = ("source", "note", "rows")
+PUBLISHED_ROW_FIELDS = ("name", "params", "metrics")
+
+RunFn = Callable[[dict[str, Any], bool], dict[str, Any]]
+
+
+# ----------------------------------------------------------------------------- YAML with lines
+class _LineLoader(yaml.SafeLoader):
+    """A safe YAML loader whose mappings remember the line of each key (for error messages)."""
+
+
+class _Map(dict):
+    lines: dict[str, int]
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
+    loader.flatten_mapping(node)
+    out = _Map()
+    out.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.lines[str(key)] = key_node.start_mark.line + 1
+    return out
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _plain(obj: Any) -> Any:
+    """Drop the line bookkeeping: plain dicts/lists, JSON-serialisable."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- the study model
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation set: `name` labels the report column, `data` is the dataset preset."""
+
+    name: str
+    data: str
+    split: str = "test"
+    max_examples: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One row of the study: a fine-tuning method with its hyper-parameters."""
+
+    name: str
+    method: str
+    preset: str | None = None
+    targets: tuple[str, ...] | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    lr: float | None = None
+    rslora: bool | None = None
+    train_head: bool | None = None
+    epochs: float | None = None
+    max_steps: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    model: str
+    task: str
+    data: str
+    data_fraction: float | None
+    data_options: dict[str, Any]
+    eval: tuple[EvalSet, ...]
+    budget: dict[str, Any]
+    seeds: tuple[int, ...]
+    strategies: tuple[Strategy, ...]
+    published: dict[str, Any] | None = None
+    train_options: dict[str, Any] = field(default_factory=dict)
+    num_labels: int | None = None
+    description: str = ""
+    path: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the matrix: which strategy, which seed, where, with which train config."""
+
+    run_id: str
+    strategy: str
+    seed: int
+    run_dir: Path
+    config: dict[str, Any]
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+class _Checker:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: dict | None, key: str | None, msg: str) -> None:
+        line = getattr(where, "lines", {}).get(key) if where is not None and key else None
+        loc = f"{self.source}:{line}" if line else self.source
+        raise UserError(f"{loc}: {msg}")
+
+    def fields(self, obj: Any, valid: tuple[str, ...], what: str) -> dict:
+        if not isinstance(obj, dict):
+            self.fail(None, None, f"{what} must be a mapping (key: value), got {type(obj).__name__}; "
+                      f"valid fields: {', '.join(valid)}")
+        for key in obj:
+            if key not in valid:
+                self.fail(obj, key, f"unknown field '{key}' in {what}; valid fields: "
+                          f"{', '.join(valid)}")
+        return obj
+
+    def number(self, obj: dict, key: str, what: str, *, kind: type = float,
+               minimum: float | None = None, exclusive: bool = False) -> Any:
+        value = obj.get(key)
+        if value is None:
+            return None
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and kind is int:
+            ok = float(value).is_integer()
+        if ok and minimum is not None:
+            ok = value > minimum if exclusive else value >= minimum
+        if not ok:
+            bound = "" if minimum is None else f" {'>' if exclusive else '>='} {minimum:g}"
+            self.fail(obj, key, f"{what} '{key}' must be {'an integer' if kind is int else 'a number'}"
+                      f"{bound}, got {value!r}; fix the value")
+        return kind(value)
+
+
+def resolve_study_path(spec: str | os.PathLike | None) -> Path:
+    """A study argument -> a file: a path, or the name of a bundled study (`default`,
+    `gpt2-wikitext2-offline`, ...). No argument means the bundled `default` study."""
+    if spec is None:
+        spec = "default"
+    path = Path(spec)
+    if path.is_file():
+        return path
+    bundled = bundled_studies()
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if stem in bundled and not path.parent.parts:
+        return bundled[stem]
+    raise UserError(f"study file not found: {spec}; pass a YAML path or a bundled study name "
+                    f"({', '.join(sorted(bundled))})")
+
+
+def bundled_studies() -> dict[str, Path]:
+    """The study files shipped inside the package (`loralab/studies/*.yaml`)."""
+    root = resources.files("loralab") / "studies"
+    out = {}
+    if root.is_dir():
+        for item in root.iterdir():
+            if item.name.endswith(".yaml"):
+                out[item.name[:-5]] = Path(str(item))
+    return out
+
+
+def load_study(path: str | os.PathLike) -> Study:
+    """Read and strictly validate a study file. Raises UserError with file:line on bad input."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read study file {path}: {exc.strerror}; check the path") from None
+    return parse_study(text, source=str(path))
+
+
+def parse_study(text: str, source: str = "<study>") -> Study:
+    try:
+        raw = yaml.load(text, Loader=_LineLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{source}{line}: not valid YAML ({problem}); fix the syntax at that "
+                        "line") from None
+    ck = _Checker(source)
+    if not isinstance(raw, dict):
+        ck.fail(None, None, "a study file must be a YAML mapping with fields "
+                f"{', '.join(STUDY_FIELDS)}")
+    ck.fields(raw, STUDY_FIELDS, "the study")
+    for key in ("name", "model", "task", "data", "eval", "strategies"):
+        if raw.get(key) in (None, "", []):
+            ck.fail(None, None, f"missing field '{key}'; add it (required: name, model, task, "
+                    "data, eval, strategies)")
+    name = str(raw["name"])
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        ck.fail(raw, "name", f"study name {name!r} must be letters, digits, '-', '_' or '.'; "
+                "rename it")
+    task = str(raw["task"])
+    if task not in TASKS:
+        ck.fail(raw, "task", f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+
+    # training data
+    data_raw = raw["data"]
+    if isinstance(data_raw, dict):
+        ck.fields(data_raw, DATA_FIELDS, "data")
+        if not data_raw.get("name"):
+            ck.fail(raw, "data", "data needs a 'name' (a dataset preset or a local file)")
+        data, fraction = str(data_raw["name"]), ck.number(data_raw, "fraction", "data",
+                                                          minimum=0, exclusive=True)
+        data_options = _plain(data_raw.get("options") or {})
+    else:
+        data, fraction, data_options = str(data_raw), None, {}
+
+    # eval sets
+    evals_raw = raw["eval"] if isinstance(raw["eval"], list) else [raw["eval"]]
+    evals: list[EvalSet] = []
+    for item in evals_raw:
+        if isinstance(item, dict):
+            ck.fields(item, EVAL_FIELDS, "an eval set")
+            ename = str(item.get("name") or item.get("data") or "")
+            if not ename:
+                ck.fail(raw, "eval", "an eval set needs a 'name' (and optionally 'data')")
+            max_ex = ck.number(item, "max_examples", f"eval set {ename}", kind=int, minimum=1)
+            evals.append(EvalSet(name=ename, data=str(item.get("data") or ename),
+                                 split=str(item.get("split") or "test"), max_examples=max_ex,
+                                 options=_plain(item.get("options") or {})))
+        else:
+            evals.append(EvalSet(name=str(item), data=str(item)))
+    names = [e.name for e in evals]
+    if len(set(names)) != len(names):
+        ck.fail(raw, "eval", f"eval set names must be unique, got {names}; give each a 'name'")
+
+    # budget
+    budget_raw = raw.get("budget") or {}
+    ck.fields(budget_raw, BUDGET_FIELDS, "budget")
+    budget: dict[str, Any] = {}
+    for key in BUDGET_FIELDS:
+        if key in ("dtype",):
+            if budget_raw.get(key) is not None:
+                budget[key] = str(budget_raw[key])
+            continue
+        kind = int if key in ("max_steps", "batch_size", "grad_accum", "seq_len", "warmup_steps",
+                              "eval_max_examples", "eval_every") else float
+        minimum, excl = (0, True) if key in ("epochs", "max_steps", "batch_size", "grad_accum",
+                                             "seq_len", "lr") else (0, False)
+        value = ck.number(budget_raw, key, "budget", kind=kind, minimum=minimum, exclusive=excl)
+        if value is not None:
+            budget[key] = value
+    if "epochs" in budget and "max_steps" in budget:
+        ck.fail(budget_raw, "epochs", "budget sets both 'epochs' and 'max_steps'; keep one")
+
+    # seeds
+    seeds_raw = raw.get("seeds", 1)
+    if isinstance(seeds_raw, bool) or not (
+            (isinstance(seeds_raw, int) and seeds_raw >= 1)
+            or (isinstance(seeds_raw, list) and seeds_raw
+                and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds_raw))):
+        ck.fail(raw, "seeds", f"seeds must be a count >= 1 or a list of integers, got "
+                f"{seeds_raw!r}")
+    seeds = tuple(range(seeds_raw)) if isinstance(seeds_raw, int) else tuple(seeds_raw)
+    if len(set(seeds)) != len(seeds):
+        ck.fail(raw, "seeds", f"seeds repeat: {list(seeds)}; list each seed once")
+
+    # strategies
+    if not isinstance(raw["strategies"], list):
+        ck.fail(raw, "strategies", "strategies must be a list of mappings")
+    strategies: list[Strategy] = []
+    for item in raw["strategies"]:
+        ck.fields(item, STRATEGY_FIELDS, "a strategy")
+        sname = str(item.get("name") or "")
+        method = str(item.get("method") or "")
+        if not sname:
+            ck.fail(item, "method", "every strategy needs a 'name'")
+        if not sname.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            ck.fail(item, "name", f"strategy name {sname!r} must be letters, digits, '-', '_' "
+                    "or '.'")
+        if method not in METHODS:
+            ck.fail(item, "method" if "method" in item else "name",
+                    f"strategy '{sname}': unknown method {method!r}; valid methods: "
+                    f"{', '.join(METHODS)}")
+        what = f"strategy '{sname}'"
+        preset = item.get("preset")
+        if preset is not None and str(preset) not in PRESETS:
+            ck.fail(item, "preset", f"{what}: unknown preset {preset!r}; valid presets: "
+                    f"{', '.join(PRESETS)} (or list module names under 'targets')")
+        targets = item.get("targets")
+        if targets is not None:
+            targets = (targets,) if isinstance(targets, str) else tuple(str(t) for t in targets)
+        if preset is not None and targets is not None:
+            ck.fail(item, "targets", f"{what}: set 'preset' or 'targets', not both")
+        is_lora = method in ("lora", "lora-head", "qat-lora")
+        for key in ("preset", "targets", "rank", "alpha", "dropout", "rslora"):
+            if item.get(key) is not None and not is_lora:
+                ck.fail(item, key, f"{what}: '{key}' only applies to LoRA methods, not "
+                        f"'{method}'; remove it")
+        rank = ck.number(item, "rank", what, kind=int, minimum=1)
+        alpha = ck.number(item, "alpha", what, minimum=0, exclusive=True)
+        dropout = ck.number(item, "dropout", what, minimum=0)
+        if dropout is not None and dropout >= 1:
+            ck.fail(item, "dropout", f"{what}: dropout must be in [0, 1), got {dropout}")
+        strategies.append(Strategy(
+            name=sname, method=method, preset=None if preset is None else str(preset),
+            targets=targets, rank=rank, alpha=alpha, dropout=dropout,
+            lr=ck.number(item, "lr", what, minimum=0, exclusive=True),
+            rslora=None if item.get("rslora") is None else bool(item["rslora"]),
+            train_head=None if item.get("train_head") is None else bool(item["train_head"]),
+            epochs=ck.number(item, "epochs", what, minimum=0, exclusive=True),
+            max_steps=ck.number(item, "max_steps", what, kind=int, minimum=1),
+            options=_plain(item.get("options") or {})))
+    snames = [s.name for s in strategies]
+    if len(set(snames)) != len(snames):
+        dup = next(n for n in snames if snames.count(n) > 1)
+        ck.fail(raw, "strategies", f"strategy name '{dup}' appears twice; names must be unique")
+    if not any(s.method == "none" for s in strategies):
+        # The untuned model is always a row: the baseline every strategy has to beat.
+        name0 = "untuned" if "untuned" not in snames else "untuned-model"
+        strategies.insert(0, Strategy(name=name0, method="none"))
+
+    # published numbers (rendered as labelled extra rows, never mixed with measurements)
+    published = raw.get("published")
+    if published is not None:
+        ck.fields(published, PUBLISHED_FIELDS, "published")
+        rows = published.get("rows")
+        if not isinstance(rows, list) or not rows:
+            ck.fail(published, "rows", "published needs 'rows': a list of {name, params, "
+                    "metrics: {eval set: {metric: value}}}")
+        for row in rows:
+            ck.fields(row, PUBLISHED_ROW_FIELDS, "a published row")
+            if not row.get("name") or not isinstance(row.get("metrics"), dict):
+                ck.fail(published, "rows", "each published row needs 'name' and 'metrics'")
+        published = _plain(published)
+
+    train_options = raw.get("train_options") or {}
+    if not isinstance(train_options, dict):
+        ck.fail(raw, "train_options", "train_options must be a mapping of TrainConfig fields")
+    num_labels = ck.number(raw, "num_labels", "the study", kind=int, minimum=2)
+    return Study(name=name, model=str(raw["model"]), task=task, data=data,
+                 data_fraction=fraction, data_options=data_options, eval=tuple(evals),
+                 budget=budget, seeds=seeds, strategies=tuple(strategies), published=published,
+                 train_options=_plain(train_options), num_labels=num_labels,
+                 description=str(raw.get("description") or "").strip(), path=source,
+                 raw=_plain(raw))
+
+
+# ----------------------------------------------------------------------------- the run matrix
+def with_seeds(study: Study, n: int | None) -> Study:
+    """`--seeds N` overrides the study's seeds with 0..N-1."""
+    if n is None:
+        return study
+    if n < 1:
+        raise UserError(f"--seeds must be >= 1, got {n}; pass a positive count")
+    return dataclasses.replace(study, seeds=tuple(range(n)))
+
+
+def run_config(study: Study, strategy: Strategy, seed: int, run_dir: Path) -> dict[str, Any]:
+    """The train config of one run, as a plain dict of TrainConfig-like fields.
+
+    The budget is shared; a strategy may override lr/epochs/max_steps. The seed is the run's seed
+    for every strategy, so every strategy sees the same data in the same order.
+    """
+    budget = dict(study.budget)
+    for key in ("lr", "epochs", "max_steps"):
+        value = getattr(strategy, key)
+        if value is not None:
+            budget.pop("epochs" if key == "max_steps" else "max_steps" if key == "epochs" else "",
+                       None)
+            budget[key] = value
+    config: dict[str, Any] = {
+        "model": study.model, "task": study.task, "data": study.data,
+        "eval_sets": [dataclasses.asdict(e) for e in study.eval],
+        "method": strategy.method, "seed": seed, "out": str(run_dir),
+        "strategy": strategy.name, "study": study.name,
+    }
+    if study.data_fraction is not None:
+        config["data_fraction"] = study.data_fraction
+    if study.data_options:
+        config["data_options"] = study.data_options
+    if study.num_labels is not None:
+        config["num_labels"] = study.num_labels
+    config.update(budget)
+    for key in ("preset", "targets", "rank", "alpha", "dropout", "rslora", "train_head"):
+        value = getattr(strategy, key)
+        if value is not None:
+            config[key] = list(value) if isinstance(value, tuple) else value
+    config.update(study.train_options)
+    config.update(strategy.options)
+    return config
+
+
+def run_matrix(study: Study, out_dir: Path) -> list[RunSpec]:
+    """All runs of the study, seed-major so a partial study already covers every strategy."""
+    specs = []
+    for seed in study.seeds:
+        for strategy in study.strategies:
+            run_dir = Path(out_dir) / "runs" / f"{strategy.name}-seed{seed}"
+            specs.append(RunSpec(run_id=f"{study.name}/{strategy.name}/seed{seed}",
+                                 strategy=strategy.name, seed=seed, run_dir=run_dir,
+                                 config=run_config(study, strategy, seed, run_dir)))
+    return specs
+
+
+def study_summary(study: Study) -> dict[str, Any]:
+    """What the report shows as "the study": the validated file, with the untuned row added."""
+    raw = dict(study.raw)
+    raw["seeds"] = list(study.seeds)
+    raw["budget"] = dict(study.budget)
+    raw["strategies"] = [{k: v for k, v in dataclasses.asdict(s).items() if v not in (None, {})}
+                         for s in study.strategies]
+    return raw
+
+
+# ----------------------------------------------------------------------------- running
+def _has_checkpoints(run_dir: Path) -> bool:
+    ckpt = run_dir / "checkpoints"
+    return ckpt.is_dir() and any(ckpt.iterdir())
+
+
+def _read_record(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / "record.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stored_hash(run_dir: Path) -> str | None:
+    try:
+        return config_hash(json.loads((run_dir / "study_config.json").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def plan(study: Study, out_dir: Path, db) -> Iterator[tuple[RunSpec, str]]:
+    """Yield (spec, action): action is 'skip' (finished, same config), 'ingest' (record.json
+    says finished but the process died before the database heard of it), 'resume' (checkpoints
+    of the same config exist) or 'train'."""
+    for spec in run_matrix(study, out_dir):
+        row = db.get(spec.run_id)
+        if row and row["status"] == "finished" and row.get("config_hash") == spec.config_hash:
+            yield spec, "skip"
+            continue
+        same = _stored_hash(spec.run_dir) == spec.config_hash
+        record = _read_record(spec.run_dir)
+        if same and record and record.get("status") == "finished":
+            yield spec, "ingest"
+        elif same and _has_checkpoints(spec.run_dir):
+            yield spec, "resume"
+        else:
+            yield spec, "train"
+
+
+def _prepare_run_dir(spec: RunSpec) -> None:
+    """Write the run's study config first, so a later resume knows what it belongs to. A run
+    dir left by a different config is kept, renamed aside, never deleted."""
+    if spec.run_dir.exists() and _stored_hash(spec.run_dir) != spec.config_hash \
+            and any(spec.run_dir.iterdir()):
+        aside = spec.run_dir.with_name(f"{spec.run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(spec.run_dir, aside)
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(spec.run_dir / "study_config.json", spec.config)
+
+
+def default_run_fn(config: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """Train one run with `loralab.train.train` (imported lazily: it pulls in torch)."""
+    from loralab import train as train_mod
+
+    return train_mod.train(to_train_config(config), resume=resume)
+
+
+# Study-config keys and the TrainConfig field names they may appear under.
+_ALIASES = {
+    "eval_sets": ("eval_sets", "eval", "evals"),
+    "preset": ("preset", "targets"),
+    "targets": ("targets",),
+    "data_options": ("data_options",),
+    "out": ("out", "out_dir", "run_dir"),
+    "epochs": ("epochs", "num_epochs"),
+    "lr": ("lr", "learning_rate"),
+    "max_steps": ("max_steps", "steps"),
+}
+# Keys that are bookkeeping for the study, not training settings.
+_STUDY_ONLY = ("strategy", "study")
+
+
+def to_train_config(config: dict[str, Any]):
+    """A study run config -> `train.TrainConfig`, matching names against its fields.
+
+    A setting TrainConfig does not know is a UserError (silently dropping, say, `dropout` would
+    make a study measure something other than what it says)."""
+    from loralab.train import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    kwargs: dict[str, Any] = {}
+    for key, value in config.items():
+        target = next((a for a in _ALIASES.get(key, (key,)) if a in fields), None)
+        if target is None:
+            if key in _STUDY_ONLY:
+                continue
+            raise UserError(f"study setting '{key}' is not a TrainConfig field; remove it "
+                            f"(TrainConfig fields: {', '.join(fields)})")
+        if target in kwargs and key == "targets":
+            continue
+        kwargs[target] = _coerce(value, fields[target])
+    if "run_id" in fields and "run_id" not in kwargs:
+        kwargs["run_id"] = f"{config.get('study')}/{config.get('strategy')}/seed{config.get('seed')}"
+    for key, name in (("strategy_name", "strategy"), ("name", "strategy")):
+        if key in fields and key not in kwargs and name in config:
+            kwargs[key] = config[name]
+    return TrainConfig(**kwargs)
+
+
+def _coerce(value: Any, fld: dataclasses.Field) -> Any:
+    """Lists -> tuples (frozen dataclasses hold tuples). Eval-set dicts become their dataset
+    names when the field is a plain tuple of strings."""
+    if isinstance(value, list):
+        type_text = str(fld.type)
+        if value and isinstance(value[0], dict) and "str" in type_text and "dict" not in type_text:
+            return tuple(v["data"] for v in value)
+        return tuple(value)
+    return value
+
+
+def run_study(study: Study, out_dir: str | os.PathLike, *, run_fn: RunFn | None = None,
+              progress: Callable[[str], None] = print, db=None) -> list[dict[str, Any]]:
+    """Run every missing run of the study; return the rows of all its runs.
+
+    Each run's row goes `running` -> `finished` | `failed`; an interrupted run stays `running`
+    (or `interrupted`) and is resumed next time. A failed run does not stop the study; a
+    UserError (bad config) does, since every other run would fail the same way.
+    """
+    from loralab.results import ResultsDB
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_fn = run_fn or default_run_fn
+    own_db = db is None
+    db = db or ResultsDB(out_dir / "results.sqlite")
+    try:
+        db.save_study(study.name, study_summary(study), study.path)
+        actions = list(plan(study, out_dir, db))
+        todo = sum(a != "skip" for _, a in actions)
+        progress(f"study '{study.name}': {len(actions)} runs ({len(study.strategies)} strategies"
+                 f" x {len(study.seeds)} seeds), {len(actions) - todo} finished, {todo} to run;"
+                 f" output {out_dir}")
+        t_study = time.perf_counter()
+        for i, (spec, action) in enumerate(actions, 1):
+            head = f"[{i}/{len(actions)}] {spec.strategy} seed {spec.seed}"
+            if action == "skip":
+                progress(f"{head}: finished earlier, skipped")
+                continue
+            if action == "ingest":
+                record = _read_record(spec.run_dir) or {}
+                db.record_run(spec, record, status="finished")
+                progress(f"{head}: finished earlier (record.json), added to the database")
+                continue
+            progress(f"{head}: {'resuming from checkpoint' if action == 'resume' else 'training'}"
+                     f" ({_describe(spec.config)}) ...")
+            if action == "train":
+                _prepare_run_dir(spec)
+            db.start_run(spec, study.name)
+            t0 = time.perf_counter()
+            try:
+                record = run_fn(spec.config, action == "resume")
+            except UserError:
+                db.set_status(spec.run_id, "failed", error="bad configuration")
+                raise
+            except KeyboardInterrupt:
+                db.set_status(spec.run_id, "interrupted")
+                raise
+            except Exception as exc:  # one failed run must not sink the study
+                msg = f"{type(exc).__name__}: {exc}"
+                db.set_status(spec.run_id, "failed", error=msg,
+                              traceback_text=traceback.format_exc())
+                progress(f"{head}: FAILED after {time.perf_counter() - t0:.0f} s: {msg}")
+                continue
+            record = dict(record or {})
+            status = record.get("status") or "finished"
+            db.record_run(spec, record, status=status)
+            progress(f"{head}: {status} in {time.perf_counter() - t0:.0f} s"
+                     f"{_headline(record)}")
+        progress(f"study '{study.name}' done in {time.perf_counter() - t_study:.0f} s")
+        return db.list_runs(study=study.name)
+    finally:
+        if own_db:
+            db.close()
+
+
+def _describe(config: dict[str, Any]) -> str:
+    parts = [config["method"]]
+    for key in ("preset", "rank", "alpha", "lr", "max_steps", "epochs"):
+        if config.get(key) is not None:
+            parts.append(f"{key}={config[key]}")
+    return ", ".join(parts)
+
+
+def _headline(record: dict[str, Any]) -> str:
+    bits = []
+    for set_name, metrics in (record.get("metrics") or {}).items():
+        if not isinstance(metrics, dict):
+            continue
+        for key in ("perplexity", "f1", "accuracy", "bleu"):
+            if isinstance(metrics.get(key), (int, float)):
+                bits.append(f"{set_name} {key} {metrics[key]:.4g}")
+                break
+    return (": " + ", ".join(bits)) if bits else ""
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
