@@ -1,0 +1,1102 @@
+"""One training loop for every strategy, with cost measurement, logging, resume and DDP.
+
+Strategies (`TrainConfig.method`):
+
+    none       evaluate the pretrained model, no training
+    full       every parameter trains (FSDP when distributed on GPUs, else DDP)
+    head       only the task head trains; the frozen body runs under no_grad
+    lora       LoRA adapters (+ the freshly initialised classifier for `classify`)
+    lora-head  LoRA first, then adapters frozen and the head alone for the last `head_epochs`
+    qat-lora   reserved (its own issue)
+
+The loop: AdamW (fused where available) without weight decay on biases and norm layers, a
+warm-up + linear/cosine/constant schedule, gradient accumulation with the loss averaged over all
+target tokens of the optimizer step, clipping, label smoothing, fp32 or bf16 autocast, optional
+gradient checkpointing, periodic evaluation with best-checkpoint selection on validation loss.
+
+Data order is a pure function of (seed, epoch): step s of an epoch takes the examples
+perm[s G:(s+1) G] with G = batch_size x grad_accum, micro-batch k takes its k-th slice of
+batch_size, and with N processes rank r takes the r-th of N equal parts of each micro-batch. So
+the global batch and the sum being optimised do not depend on N, and a resumed run sees exactly
+the batches the interrupted one would have seen.
+
+The loss of one optimizer step is
+
+    L = sum over micro-batches and ranks of sum_t CE(logits_t, y_t) / T_step
+
+where T_step counts the target tokens (examples for `classify`) of the whole step, known before
+the first micro-batch runs. Each micro-batch back-propagates its share directly (times N, since
+DDP averages gradients over ranks), so accumulation gives exactly the gradient of L.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+import uuid
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loralab import checkpoint as ckpt
+from loralab import measure
+from loralab.errors import UserError
+
+METHODS = ("none", "full", "head", "lora", "lora-head", "qat-lora")
+TASKS = ("lm", "classify", "generate")
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run. Serialised in full into the run record."""
+
+    model: str = "minilm-l6"
+    """Backbone: a bundled name (smollm2-135m, minilm-l6), a local directory or a hub id."""
+    task: str = "classify"
+    """lm (causal language modelling), classify (sequence classification), generate
+    (data-to-text: causal LM with loss on the target tokens only)."""
+    data: str = "rt-snippets"
+    """Dataset preset name or a local path (see loralab.data)."""
+    eval_data: tuple[str, ...] = ()
+    """Extra evaluation sets (preset names or paths), evaluated on their test/validation split."""
+    method: str = "lora"
+    """none | full | head | lora | lora-head | qat-lora."""
+    preset: str = "qv"
+    """LoRA target preset (qv, attn, attn-proj, attn-proj-ffn, all) or comma-separated names."""
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch input."""
+    rslora: bool = False
+    """Scale by alpha / sqrt(r) instead (rank-stabilised LoRA)."""
+    epochs: float = 1.0
+    """Passes over the training split (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides epochs."""
+    batch_size: int = 8
+    """Examples per micro-batch, summed over all processes."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: the global batch is batch_size x grad_accum."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (never applied to biases and norm layers)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to lr."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of all steps (used when warmup_steps is 0)."""
+    schedule: str = "linear"
+    """After warm-up: linear decay to 0, cosine decay to 0, or constant."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the training cross-entropy (evaluation uses plain CE)."""
+    precision: str = "fp32"
+    """fp32, or bf16 autocast (weights stay fp32)."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward instead of storing them."""
+    seq_len: int = 128
+    """Maximum tokens per example."""
+    data_fraction: float = 1.0
+    """Use this fraction of the training split (a seeded subset)."""
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+    eval_every: int = 0
+    """Evaluate (and checkpoint) every N optimizer steps; 0 = only at epoch ends."""
+    eval_batches: int = 0
+    """Batches of the validation split used by periodic evaluations (0 = all). The final
+    evaluation always uses every example."""
+    checkpoint_every: int = 0
+    """Also write the resume checkpoint every N steps (0 = at evaluations only)."""
+    head_epochs: float = 1.0
+    """lora-head: the last head_epochs epochs train the head only, adapters frozen."""
+    out: str = "runs/run"
+    """Run directory: record.json, tb/, checkpoints/, adapter/ or model/ or head/."""
+    num_labels: int = 2
+    """Classes for classify."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`)."""
+    keep_best: bool = True
+    """Restore the weights with the best validation loss before the final evaluation."""
+    log_every: int = 0
+    """Plain progress lines every N steps when not on a terminal (0 = about 20 lines per run)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eval_data, (list, str)):
+            value = (self.eval_data,) if isinstance(self.eval_data, str) else self.eval_data
+            object.__setattr__(self, "eval_data", tuple(value))
+        checks = [
+            (self.method in METHODS, f"unknown method {self.method!r}; choose one of "
+                                     f"{', '.join(METHODS)}"),
+            (self.task in TASKS, f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of "
+                                         f"{', '.join(SCHEDULES)}"),
+            (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; use fp32 or "
+                                           "bf16"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.epochs > 0 or self.max_steps, f"epochs must be > 0, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1,
+             f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.lr >= 0, f"lr must be >= 0, got {self.lr}"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (0 < self.data_fraction <= 1, "data_fraction must be in (0, 1]"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.seq_len >= 2, "seq_len must be >= 2"),
+            (self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eval_data"] = list(self.eval_data)
+        return d
+
+
+# --- building a config from YAML + overrides ---------------------------------------------------
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert YAML/CLI strings to the field's type (int, float, bool, tuple, optional)."""
+    if value is None:
+        return None
+    kind = str(config_fields()[name].type)
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                return tuple(v for v in value.split(",") if v)
+            return tuple(str(v) for v in value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key {name!r}: cannot use {value!r} as {kind}") from None
+
+
+def make_config(values: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a mapping plus overrides (None overrides are ignored); unknown keys
+    raise a UserError that lists the valid ones."""
+    merged = dict(values or {})
+    merged.update({k.replace("-", "_"): v for k, v in overrides.items() if v is not None})
+    merged = {k.replace("-", "_"): v for k, v in merged.items()}
+    valid = config_fields()
+    unknown = sorted(set(merged) - set(valid))
+    if unknown:
+        raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: "
+                        f"{', '.join(valid)}")
+    return TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
+
+
+def config_from_yaml(path: str | os.PathLike | None, **overrides: Any) -> TrainConfig:
+    """Read a YAML mapping of TrainConfig fields, then apply CLI overrides on top."""
+    values: dict = {}
+    if path is not None:
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise UserError(f"cannot read config file {path}: {exc.strerror}; check the path") \
+                from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path} is not valid YAML ({exc}); fix its syntax") \
+                from None
+        if not isinstance(values, dict):
+            raise UserError(f"config file {path} must hold a mapping of keys to values")
+    return make_config(values, **overrides)
+
+
+# --- distributed ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a (possibly single-process) job."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo
+    on CPU. Each process uses GPU `LOCAL_RANK` when GPUs exist."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    return Dist(rank=rank, world=world, device=device)
+
+
+def _all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+    return x
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# --- model and data -----------------------------------------------------------------------
+
+def load_pieces(config: TrainConfig) -> tuple[Any, Any, float]:
+    """(loaded model, task data, data preparation seconds) via loralab.models / loralab.data."""
+    from loralab.data import load_task_data
+    from loralab.models import load_model
+
+    loaded = load_model(config.model, config.task, num_labels=config.num_labels)
+    t0 = time.perf_counter()
+    data = load_task_data(config.data, config.task, loaded.tokenizer, seq_len=config.seq_len,
+                          data_fraction=config.data_fraction, seed=config.seed)
+    return loaded, data, time.perf_counter() - t0
+
+
+def task_head(model: nn.Module) -> nn.Module:
+    """The output head / classifier (loralab.models.task_head; the LoRA targets' head list as a
+    fallback)."""
+    try:
+        from loralab.models import task_head as _task_head
+    except ImportError:
+        _task_head = None
+    if _task_head is not None:
+        return _task_head(model)
+    from loralab.lora import head_modules
+
+    heads = head_modules(model)
+    if not heads:
+        raise UserError(f"no task head found in {type(model).__name__}")
+    return heads[-1][1]
+
+
+def untie_head(model: nn.Module) -> bool:
+    try:
+        from loralab.models import untie_head as _untie
+    except ImportError:
+        from loralab.lora import untie_weight
+
+        return untie_weight(model, task_head(model))
+    return _untie(model)
+
+
+def _lora_targets(preset: str) -> str | tuple[str, ...]:
+    return tuple(p for p in preset.split(",") if p) if "," in preset else preset
+
+
+def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
+    """Make exactly the strategy's parameters trainable (in place). Returns notes."""
+    notes: list[str] = []
+    if config.method == "qat-lora":
+        raise UserError("method 'qat-lora' is not yet available (it has its own issue); use "
+                        "lora, lora-head, head or full")
+    if config.method in ("head", "lora-head") and config.task != "classify":
+        if untie_head(model):
+            notes.append("lm_head untied from the input embeddings so only the head trains")
+    if config.method == "none":
+        model.requires_grad_(False)
+    elif config.method == "full":
+        model.requires_grad_(True)
+    elif config.method == "head":
+        model.requires_grad_(False)
+        task_head(model).requires_grad_(True)
+    elif config.method in ("lora", "lora-head"):
+        from loralab.lora import LoRAConfig, apply_lora
+
+        train_head = config.task == "classify"
+        apply_lora(model, LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                                     targets=_lora_targets(config.preset), rslora=config.rslora,
+                                     train_head=train_head))
+        if train_head:
+            notes.append("classifier trained with the adapters (newly initialised head)")
+        if config.method == "lora-head":
+            task_head(model).requires_grad_(True)  # in the optimizer from the start
+    return notes
+
+
+def set_phase(model: nn.Module, config: TrainConfig, phase: str) -> None:
+    """lora-head: 'lora' trains adapters (+ the classifier for classify), 'head' the head only."""
+    from loralab.lora import lora_parameters
+
+    head = task_head(model)
+    for p in lora_parameters(model):
+        p.requires_grad_(phase == "lora")
+    head.requires_grad_(phase == "head" or config.task == "classify")
+
+
+@contextmanager
+def frozen_body(model: nn.Module, head: nn.Module) -> Iterator[None]:
+    """Run everything before `head` under no_grad and the head (and what follows) with grad.
+
+    Three hooks: the root's pre-hook disables grad, the head's pre-hook re-enables it, the
+    root's post-hook restores the caller's mode. The body's activations are therefore never
+    stored. Works under DDP too, whose own pre/post-forward logic sees grad enabled.
+    """
+    state = {}
+
+    def root_pre(module, args):
+        state["prev"] = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+
+    def head_pre(module, args):
+        torch.set_grad_enabled(state.get("prev", True))
+
+    def root_post(module, args, output):
+        torch.set_grad_enabled(state.get("prev", True))
+
+    handles = [model.register_forward_pre_hook(root_pre), head.register_forward_pre_hook(head_pre),
+               model.register_forward_hook(root_post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: biases and every parameter of a normalisation layer get no decay.
+
+    Selected by module type (LayerNorm/GroupNorm/BatchNorm/RMSNorm classes, including
+    transformers' own *RMSNorm/*LayerNorm classes) and by the module's `bias` attribute.
+    """
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
+    no_decay: set[int] = set()
+    for module in model.modules():
+        is_norm = isinstance(module, norm_types) or type(module).__name__.endswith("Norm")
+        for name, p in module.named_parameters(recurse=False):
+            if is_norm or (name == "bias" and getattr(module, "bias", None) is p):
+                no_decay.add(id(p))
+    decay, plain = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (plain if id(p) in no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": plain, "weight_decay": 0.0}]
+
+
+def make_optimizer(params_groups: list[dict], lr: float, device: torch.device
+                   ) -> torch.optim.Optimizer:
+    """AdamW, fused where the build supports it (CPU and CUDA in torch >= 2.4), else foreach."""
+    groups = [g for g in params_groups if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based), as transformers' schedules:
+    step / warmup during warm-up, then linear to 0, half a cosine to 0, or 1."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a permutation seeded by (seed, epoch) only."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def target_count(labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Positions that contribute to the loss: shifted non-ignored tokens, or examples."""
+    if task == "classify":
+        return torch.tensor(labels.shape[0], dtype=torch.float64)
+    return (labels[..., 1:] != -100).sum().to(torch.float64)
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy over target positions (fp32).
+
+    lm/generate: position t predicts token t+1 (transformers' label convention, -100 ignored).
+    classify: one label per example.
+    """
+    logits = logits.float()  # explicit: the loss is always computed in fp32
+    if task == "classify":
+        return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing)
+    logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V)
+    targets = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(logits, targets, reduction="sum", ignore_index=-100,
+                           label_smoothing=label_smoothing)
+
+
+def _forward_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+def classification_scores(preds: list[int], labels: list[int], num_labels: int) -> dict:
+    """Accuracy and precision/recall/F1 (binary for 2 classes, macro otherwise)."""
+    try:
+        from loralab import metrics as _metrics
+
+        fn = getattr(_metrics, "classification_metrics", None)
+    except ImportError:
+        fn = None
+    if fn is not None:
+        try:
+            return {k: float(v) for k, v in fn(labels, preds).items()
+                    if isinstance(v, (int, float))}
+        except TypeError:
+            pass
+    n = len(labels)
+    acc = sum(p == y for p, y in zip(preds, labels)) / max(1, n)
+    classes = [1] if num_labels == 2 else list(range(num_labels))
+    ps, rs, fs = [], [], []
+    for c in classes:
+        tp = sum(p == c and y == c for p, y in zip(preds, labels))
+        fp = sum(p == c and y != c for p, y in zip(preds, labels))
+        fn_ = sum(p != c and y == c for p, y in zip(preds, labels))
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn_) if tp + fn_ else 0.0
+        ps.append(prec)
+        rs.append(rec)
+        fs.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+    k = len(classes)
+    return {"accuracy": acc, "precision": sum(ps) / k, "recall": sum(rs) / k, "f1": sum(fs) / k}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, collate_fn, config: TrainConfig,
+             device: torch.device = torch.device("cpu"), max_batches: int = 0) -> dict:
+    """Mean cross-entropy per target (no label smoothing) plus task metrics: perplexity for
+    lm/generate (exp of the token-mean NLL), accuracy/precision/recall/F1 for classify."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0.0
+    preds: list[int] = []
+    golds: list[int] = []
+    n = len(dataset)
+    bs = config.batch_size
+    for b, start in enumerate(range(0, n, bs)):
+        if max_batches and b >= max_batches:
+            break
+        rows = [dataset[i] for i in range(start, min(n, start + bs))]
+        batch = _to(collate_fn(rows), device)
+        with _autocast(config, device):
+            logits = _forward_logits(model, batch)
+        nll += float(loss_sum(logits, batch["labels"], config.task))
+        count += float(target_count(batch["labels"], config.task))
+        if config.task == "classify":
+            preds += logits.argmax(-1).tolist()
+            golds += batch["labels"].tolist()
+    model.train(was_training)
+    loss = nll / max(count, 1.0)
+    result = {"loss": loss, "targets": int(count)}
+    if config.task == "classify":
+        result.update(classification_scores(preds, golds, config.num_labels))
+    else:
+        try:
+            from loralab.metrics import perplexity as _ppl
+
+            result["perplexity"] = float(_ppl(nll, int(count)))
+        except (ImportError, TypeError):
+            result["perplexity"] = math.exp(min(loss, 700.0))
+    return result
+
+
+# --- logging ------------------------------------------------------------------------------
+
+class Logger:
+    """TensorBoard (+ optional wandb) scalars and the progress display; no-op off rank 0."""
+
+    def __init__(self, config: TrainConfig, out: Path, total_steps: int, start_step: int,
+                 run_id: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total = total_steps
+        self.tb = None
+        self.wandb = None
+        self.bar = None
+        self.t0 = time.perf_counter()
+        self.start_step = start_step
+        self.every = config.log_every or max(1, total_steps // 20)
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a killed run logged after its last checkpoint
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
+        if config.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb is not installed; pip install wandb (or "
+                                "pip install 'loralab[wandb]'), or drop --wandb") from None
+            self.wandb = wandb.init(project="loralab", name=run_id, config=config.to_dict(),
+                                    dir=str(out), resume="allow", id=run_id)
+        if sys.stderr.isatty() and total_steps > 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def progress(self, step: int, loss: float, lr: float, tps: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+        elif step % self.every == 0 or step == self.total:
+            done = step - self.start_step
+            spent = time.perf_counter() - self.t0
+            eta = spent / max(1, done) * (self.total - step)
+            print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.3e} tok/s {tps:.0f} "
+                  f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr,
+                  flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else
+             lambda s: print(s, file=sys.stderr, flush=True))(text)
+
+    def close(self, hparams: dict | None = None, metrics: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if hparams is not None and metrics:
+            self.tb.add_hparams(hparams, metrics, run_name="hparams")
+        self.tb.close()
+        if self.wandb is not None:
+            if metrics:
+                self.wandb.summary.update(metrics)
+            self.wandb.finish()
+
+
+def _hparams(config: TrainConfig) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for k, v in config.to_dict().items()}
+
+
+# --- the run ------------------------------------------------------------------------------
+
+@dataclass
+class _State:
+    """Everything that changes during training and goes into a checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_val: float = math.inf
+    best_step: int = -1
+    tokens: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    curves: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": [], "lr": []})
+    peak_saved_bytes: int = 0
+    peak_rss_delta: int = 0
+
+
+def _trained_state(model: nn.Module, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of the model: everything for full, else the tensors that can
+    train (adapters, head), cloned to CPU."""
+    if config.method == "full":
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    keep = {names[id(p)] for p in _ever_trainable(model, config)}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keep}
+
+
+def _ever_trainable(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.method == "lora-head":
+        from loralab.lora import lora_parameters
+
+        seen = {id(p) for p in params}
+        params += [p for p in list(lora_parameters(model)) + list(task_head(model).parameters())
+                   if id(p) not in seen]
+    return params
+
+
+def _load_trained_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise UserError(f"checkpoint does not match the model ({unexpected[0]} unexpected); "
+                        "resume with the same config")
+
+
+def _save_artifact(model: nn.Module, loaded: Any, config: TrainConfig, out: Path) -> dict:
+    """Store what the run produced: the adapter (PEFT format), the head tensors, or the model."""
+    artifacts = {"adapter": None, "model": None, "head": None}
+    if config.method in ("lora", "lora-head"):
+        save_adapter, _ = adapter_io()
+        artifacts["adapter"] = str(save_adapter(model, out / "adapter"))
+    elif config.method == "head":
+        from safetensors.torch import save_file
+
+        head = task_head(model)
+        tmp = out / ".head.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()},
+                  str(tmp / "head.safetensors"))
+        if (out / "head").exists():
+            import shutil
+
+            shutil.rmtree(out / "head")
+        os.replace(tmp, out / "head")
+        artifacts["head"] = str(out / "head")
+    elif config.method == "full":
+        tmp = out / ".model.tmp"
+        model.save_pretrained(str(tmp))
+        tok = getattr(loaded, "tokenizer", None)
+        if tok is not None and hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(str(tmp))
+        if (out / "model").exists():
+            import shutil
+
+            shutil.rmtree(out / "model")
+        os.replace(tmp, out / "model")
+        artifacts["model"] = str(out / "model")
+    return artifacts
+
+
+def adapter_io():
+    """(save_adapter, load_adapter): PEFT-format adapter files (loralab.adapter)."""
+    try:
+        from loralab.adapter import load_adapter, save_adapter
+    except ImportError:
+        from loralab.lora import load_adapter, save_adapter
+    return save_adapter, load_adapter
+
+
+def _fault(name: str) -> int | None:
+    """Test hooks (fault injection): LORALAB_FAULT_<NAME>=step."""
+    value = os.environ.get(f"LORALAB_FAULT_{name}")
+    return int(value) if value else None
+
+
+def _wrap(model: nn.Module, config: TrainConfig, d: Dist) -> tuple[nn.Module, str]:
+    """DDP (or FSDP for full fine-tuning on GPUs) when distributed; the model itself otherwise."""
+    if d.world == 1:
+        return model, "single"
+    if config.method == "full" and d.device.type == "cuda":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model.modules():
+            if type(module).__name__.endswith(("DecoderLayer", "Block", "BertLayer")):
+                fully_shard(module)
+        fully_shard(model)
+        return model, "fsdp"
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [d.device.index] if d.device.type == "cuda" else None
+    return DDP(model, device_ids=ids), "ddp"
+
+
+def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
+          task_data: Any = None) -> dict:
+    """Run one training job and return its record (also written to `out/record.json`).
+
+    `loaded` (with `.model`, `.tokenizer`) and `task_data` (with `.splits`, `.collate_fn`) may
+    be passed in to train objects built elsewhere (tests, studies); they are otherwise made
+    from the config with loralab.models / loralab.data.
+    """
+    d = setup_distributed()
+    out = Path(config.out)
+    ck_dir = out / "checkpoints"
+    record_path = out / "record.json"
+    if not resume and (record_path.exists() or (ck_dir / ckpt.LAST).exists()):
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose "
+                        "another --out")
+    previous = None
+    if resume and record_path.exists():
+        import json
+
+        previous = json.loads(record_path.read_text())
+        if previous.get("status") == "finished":
+            return previous
+    if config.batch_size % d.world:
+        raise UserError(f"batch_size {config.batch_size} is not divisible by the {d.world} "
+                        "processes; choose a multiple so every process gets an equal share")
+
+    _barrier(d)  # every process has checked the run directory before rank 0 writes to it
+    ckpt.seed_everything(config.seed)
+    data_seconds = 0.0
+    if loaded is None or task_data is None:
+        loaded, task_data, data_seconds = load_pieces(config)
+    model: nn.Module = loaded.model
+    notes = list(getattr(loaded, "notes", ()))
+    notes += prepare_model(model, config)
+    model.to(d.device)
+    if config.grad_checkpointing and config.method != "none":
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise UserError("this model does not support gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+    splits = task_data.splits
+    if "train" not in splits and config.method != "none":
+        raise UserError(f"dataset {config.data} has no train split")
+    train_set = splits.get("train")
+    val_name = "validation" if "validation" in splits else ("test" if "test" in splits else None)
+    collate = task_data.collate_fn
+
+    run_id = (previous or {}).get("run_id") or f"{out.name}-{uuid.uuid4().hex[:8]}"
+    trainable, total = measure.count_parameters(model)
+    record: dict = {
+        "run_id": run_id, "status": "running", "config": config.to_dict(), "metrics": {},
+        "costs": {"trainable_params": trainable, "total_params": total,
+                  "trainable_pct": 100.0 * trainable / max(1, total)},
+        "curves": {"train_loss": [], "val_loss": [], "lr": []},
+        "artifacts": {"adapter": None, "model": None, "head": None,
+                      "tensorboard": str(out / "tb")},
+        "env": measure.environment(str(d.device)) | {"world_size": d.world},
+        "notes": notes,
+    }
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_json(record_path, record)
+
+    # the schedule of steps
+    global_batch = config.batch_size * config.grad_accum
+    steps_per_epoch = len(train_set) // global_batch if train_set is not None else 0
+    if config.method != "none" and steps_per_epoch == 0:
+        raise UserError(f"the train split has {len(train_set)} examples, fewer than one global "
+                        f"batch ({global_batch}); lower --batch-size or --grad-accum")
+    if config.method == "none":
+        total_steps = 0
+    elif config.max_steps:
+        total_steps = config.max_steps
+    else:
+        total_steps = max(1, round(config.epochs * steps_per_epoch))
+    head_start = total_steps
+    if config.method == "lora-head":
+        head_steps = min(total_steps - 1, round(config.head_epochs * steps_per_epoch))
+        head_start = total_steps - max(1, head_steps)
+        notes.append(f"lora-head: LoRA for steps 1-{head_start}, head only for "
+                     f"{head_start + 1}-{total_steps}")
+    warmup = config.warmup_steps or round(config.warmup_ratio * total_steps)
+
+    optimizer = None
+    state = _State()
+    phase = "lora"
+    if config.method != "none":
+        if config.method == "lora-head":
+            set_phase(model, config, "lora")
+        # every parameter that may ever train is in the optimizer; AdamW skips those whose grad
+        # is None, so lora-head's phases share one optimizer and schedule
+        for p in _ever_trainable(model, config):
+            p.requires_grad_(True)
+        optimizer = make_optimizer(decay_groups(model, config.weight_decay), config.lr, d.device)
+        if config.method == "lora-head":
+            set_phase(model, config, "lora")
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, config.schedule))
+        if optimizer is not None else None)
+
+    if resume and (ck_dir / ckpt.LAST).exists():
+        saved = ckpt.load(ck_dir / ckpt.LAST)
+        _load_trained_state(model, saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = _State(**saved["state"])
+        ckpt.set_rng_state(saved["rng"])
+        notes.append(f"resumed from step {state.step}")
+    record["curves"] = state.curves
+    if config.method == "lora-head" and state.step >= head_start:
+        phase = "head"
+        set_phase(model, config, phase)
+
+    logger = Logger(config, out, total_steps, state.step, run_id, d.main)
+    head = task_head(model) if config.method in ("head", "lora-head") else None
+    sampler = measure.RSSSampler().start() if d.main else None
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
+    tracker = measure.SavedTensorTracker(skip={p.untyped_storage().data_ptr()
+                                               for p in model.parameters()})
+    static_bytes = 0
+
+    def run_eval(max_batches: int) -> dict | None:
+        if val_name is None or not d.main:
+            return None
+        t0 = time.perf_counter()
+        result = evaluate(model, splits[val_name], collate, config, d.device, max_batches)
+        state.eval_seconds += time.perf_counter() - t0
+        return result
+
+    def save(best: bool = False) -> None:
+        if not d.main:
+            return
+        if best:
+            ckpt.atomic_torch_save({"model": _trained_state(model, config), "step": state.step},
+                                   ck_dir / ckpt.BEST)
+        fault = "before-rename" if _fault("KILL_IN_SAVE") == state.step else None
+        ckpt.atomic_torch_save({
+            "model": _trained_state(model, config), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
+            "state": dataclasses.asdict(state), "config": config.to_dict(),
+        }, ck_dir / ckpt.LAST, _fault=fault)
+
+    def eval_and_checkpoint() -> None:
+        result = run_eval(config.eval_batches)
+        improved = False
+        if result is not None:
+            state.curves["val_loss"].append([state.step, result["loss"]])
+            logger.scalars(state.step, {"val/loss": result["loss"]})
+            improved = result["loss"] < state.best_val
+            if improved:
+                state.best_val, state.best_step = result["loss"], state.step
+        save(best=improved)
+
+    wrapped, mode = _wrap(model, config, d) if config.method != "none" else (model, "eval")
+    if mode == "fsdp":
+        notes.append("FSDP (fully_shard) for full fine-tuning")
+    record["env"]["parallel"] = mode
+    order: torch.Tensor | None = None
+    order_epoch = -1
+    part = config.batch_size // d.world
+    model.train()
+    try:
+        while state.step < total_steps:
+            if state.step_in_epoch >= steps_per_epoch:
+                state.epoch += 1
+                state.step_in_epoch = 0
+            if order_epoch != state.epoch:
+                order, order_epoch = epoch_order(len(train_set), config.seed, state.epoch), \
+                    state.epoch
+            if config.method == "lora-head" and phase == "lora" and state.step >= head_start:
+                phase = "head"
+                set_phase(model, config, phase)
+                if d.world > 1:  # DDP registered the old trainable set; wrap again
+                    wrapped, mode = _wrap(model, config, d)
+                logger.message(f"step {state.step}: adapters frozen, training the head only")
+            t0 = time.perf_counter()
+            start = state.step_in_epoch * global_batch
+            step_idx = order[start:start + global_batch].tolist()
+            micro = [step_idx[k * config.batch_size:(k + 1) * config.batch_size]
+                     for k in range(config.grad_accum)]
+            batches = []
+            t_step = 0.0  # every process knows the whole step: T_step needs no communication
+            step_tokens = 0
+            for m in micro:
+                rows = [train_set[i] for i in m]
+                whole = collate(rows)
+                t_step += float(target_count(whole["labels"], config.task))
+                mask = whole.get("attention_mask")
+                step_tokens += int(mask.sum()) if mask is not None else whole["input_ids"].numel()
+                batches.append(whole if d.world == 1 else
+                               collate(rows[d.rank * part:(d.rank + 1) * part]))
+            step_loss = torch.zeros((), dtype=torch.float64)
+            body_frozen = frozen_body(model, head) if (
+                config.method == "head" or phase == "head") else nullcontext()
+            with body_frozen:
+                for k, batch in enumerate(batches):
+                    batch = _to(batch, d.device)
+                    sync = k == len(batches) - 1 or mode != "ddp"
+                    ctx = wrapped.no_sync() if not sync else nullcontext()
+                    with ctx, tracker.track(), _autocast(config, d.device):
+                        logits = _forward_logits(wrapped, batch)
+                        loss = loss_sum(logits, batch["labels"], config.task,
+                                        config.label_smoothing) / t_step
+                    (loss * d.world).backward()
+                    step_loss += loss.detach().double().cpu()
+            step_loss = float(_all_reduce_sum(step_loss, d))
+            fault_nan = _fault("NAN_AT_STEP")
+            if fault_nan is not None and state.step + 1 == fault_nan:
+                step_loss = float("nan")
+            params = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                         if config.grad_clip > 0 else torch.zeros(()))
+            if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
+                what = "loss" if not math.isfinite(step_loss) else "gradient norm"
+                value = step_loss if what == "loss" else float(grad_norm)
+                kept = (f"the last good checkpoint is {ck_dir / ckpt.LAST}"
+                        if (ck_dir / ckpt.LAST).exists() else "no checkpoint was written yet")
+                raise TrainingDiverged(
+                    f"training stopped: the {what} became {value} at step {state.step + 1}; "
+                    f"{kept}; lower --lr, keep --grad-clip or use --precision fp32")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not static_bytes:
+                static_bytes = measure.static_tensor_bytes(model, optimizer)
+            state.step += 1
+            state.step_in_epoch += 1
+            state.tokens += step_tokens
+            state.train_seconds += time.perf_counter() - t0
+            lr = scheduler.get_last_lr()[0]
+            tps = state.tokens / max(state.train_seconds, 1e-9)
+            state.curves["train_loss"].append([state.step, step_loss])
+            state.curves["lr"].append([state.step, lr])
+            rss = sampler.peak_delta if sampler is not None else 0
+            state.peak_rss_delta = max(state.peak_rss_delta, rss)
+            state.peak_saved_bytes = max(state.peak_saved_bytes, tracker.peak)
+            logger.scalars(state.step, {"train/loss": step_loss, "train/lr": lr,
+                                        "train/tokens_per_second": tps,
+                                        "train/grad_norm": float(grad_norm),
+                                        "memory/peak_rss_delta_bytes": state.peak_rss_delta})
+            logger.progress(state.step, step_loss, lr, tps)
+            at_epoch_end = state.step_in_epoch == steps_per_epoch
+            if at_epoch_end or (config.eval_every and state.step % config.eval_every == 0) \
+                    or state.step == total_steps:
+                eval_and_checkpoint()
+            elif config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                save()
+            if _fault("KILL_AT_STEP") == state.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+    except TrainingDiverged as exc:
+        record["status"] = "failed"
+        record["notes"] = notes + [str(exc)]
+        record["curves"] = state.curves
+        if d.main:
+            ckpt.atomic_write_json(record_path, record)
+        logger.close()
+        if sampler is not None:
+            sampler.stop()
+        raise
+
+    rss_delta = sampler.stop() if sampler is not None else 0
+    state.peak_rss_delta = max(state.peak_rss_delta, rss_delta)
+    state.peak_saved_bytes = max(state.peak_saved_bytes, tracker.peak)
+
+    # final weights: the best validation checkpoint
+    if (config.keep_best and d.main and config.method != "none"
+            and (ck_dir / ckpt.BEST).exists()):
+        best = ckpt.load(ck_dir / ckpt.BEST)
+        if best["step"] != state.step:
+            _load_trained_state(model, best["model"])
+            notes.append(f"weights of step {best['step']} restored (best validation loss)")
+
+    metrics: dict = {}
+    if d.main:
+        t0 = time.perf_counter()
+        for name, ds in splits.items():
+            if name == "train":
+                continue
+            metrics[name] = evaluate(model, ds, collate, config, d.device)
+        for extra in config.eval_data:
+            metrics[extra] = _evaluate_extra(model, loaded, extra, config, d.device)
+        state.eval_seconds += time.perf_counter() - t0
+        artifacts = _save_artifact(model, loaded, config, out)
+        record["artifacts"].update(artifacts)
+
+    # costs
+    from loralab.lora import lora_parameters
+
+    n_matmul = measure.matmul_parameters(model)
+    head_params = sum(p.numel() for p in task_head(model).parameters()) \
+        if config.method in ("head", "lora-head") else 0
+    lora_params = sum(p.numel() for p in lora_parameters(model))
+    if config.method == "lora-head":
+        fpt_lora = measure.flops_per_token("lora", n_matmul, lora_params=lora_params)
+        fpt_head = measure.flops_per_token("head", n_matmul, head_params=head_params)
+        frac = head_start / max(1, total_steps)
+        fpt = frac * fpt_lora + (1 - frac) * fpt_head
+    else:
+        fpt = measure.flops_per_token(config.method, n_matmul, lora_params=lora_params,
+                                      head_params=head_params)
+    train_flops = fpt * state.tokens
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    peak = measure.matmul_peak(dtype, str(d.device)) if config.method != "none" else 0.0
+    artifact_bytes = sum(measure.path_bytes(p) for k, p in record["artifacts"].items()
+                         if p and k != "tensorboard" and Path(p).exists())
+    peak_memory = (measure.peak_cuda_bytes() if d.device.type == "cuda"
+                   else state.peak_rss_delta)
+    record["costs"].update({
+        "artifact_bytes": artifact_bytes,
+        "train_seconds": state.train_seconds, "eval_seconds": state.eval_seconds,
+        "data_seconds": data_seconds,
+        "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else 0.0,
+        "peak_memory_bytes": int(peak_memory),
+        "peak_tensor_bytes": int(static_bytes + state.peak_saved_bytes),
+        "train_flops": train_flops,
+        "mfu": measure.mfu(train_flops, state.train_seconds, peak),
+    })
+    record["estimates"] = {
+        "flops_per_token": fpt, "matmul_params": n_matmul, "tokens": state.tokens,
+        "steps": state.step, "peak_flops_per_second": peak,
+        "memory": measure.memory_estimate(model, optimizer, state.peak_saved_bytes),
+        "best_step": state.best_step,
+    }
+    record.update(status="finished", metrics=metrics, curves=state.curves, notes=notes)
+    if d.main:
+        final = {f"hparam/{split}_{k}": float(v) for split, m in metrics.items()
+                 for k, v in m.items() if isinstance(v, (int, float)) and k != "targets"}
+        logger.close(_hparams(config), final)
+        ckpt.atomic_write_json(record_path, record)
+    _barrier(d)
+    return record
+
+
+def _evaluate_extra(model: nn.Module, loaded: Any, name: str, config: TrainConfig,
+                    device: torch.device) -> dict:
+    from loralab.data import load_task_data
+
+    extra = load_task_data(name, config.task, loaded.tokenizer, seq_len=config.seq_len,
+                           seed=config.seed)
+    split = "test" if "test" in extra.splits else "validation"
+    return evaluate(model, extra.splits[split], extra.collate_fn, config, device)
