@@ -176,7 +176,9 @@ def _dequantise(src: Path, gguf_file: str, final: Path) -> Path:
     """Load a GGUF as fp32, drop the quantizer bookkeeping, save model + tokenizer atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a one-off step; `loralab setup` prints a few lines only
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
     model.hf_quantizer = None

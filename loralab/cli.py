@@ -33,9 +33,6 @@ def _cmd_setup(args: argparse.Namespace) -> int:
 
     from loralab import bundled
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # keep the output to a few lines
     t0 = time.perf_counter()
     print(f"loralab setup: cache {bundled.cache_dir()}")
     lines = bundled.setup(gemma=args.gemma)
@@ -206,6 +203,52 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+TARGETS_EPILOG = """presets (per architecture: GPT-2, LLaMA/SmolLM2, Gemma 3, BERT/MiniLM, DistilBERT):
+  qv              Wq, Wv (the LoRA paper's default)
+  attn            Wq, Wk, Wv                              (LoRA-1)
+  attn-proj       + attention output projection          (LoRA-2)
+  attn-proj-ffn   + feed-forward projections             (LoRA-3)
+  all             + output head or classifier            (LoRA-4)
+
+examples:
+  loralab targets smollm2-135m --preset qv
+  loralab targets minilm-l6 --task classify --preset all --rank 16
+  loralab targets ./my-model --targets 'q_proj,model.layers.*.mlp.down_proj'
+  loralab targets smollm2-135m --preset attn --json
+"""
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from loralab.lora import LoRAConfig, describe_targets
+    from loralab.models import load_model
+
+    config = LoRAConfig(rank=args.rank, alpha=args.alpha or 2.0 * args.rank,
+                        targets=args.targets or args.preset)
+    torch.manual_seed(0)
+    model = load_model(args.model, args.task, num_labels=args.num_labels).model
+    rows = describe_targets(model, config)
+    total = sum(p.numel() for p in model.parameters())
+    lora = sum(r["lora_params"] for r in rows)
+    if args.json:
+        print(json.dumps({"model": args.model, "targets": config.targets, "rank": config.rank,
+                          "modules": rows, "lora_params": lora, "total_params": total}, indent=2))
+        return 0
+    print(f"{args.model}: {len(rows)} modules match {config.targets!r} (rank {config.rank})")
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'module':<{width}}  {'kind':<7} {'d_in x d_out':>13}  {'slices':<18} {'params':>9}")
+    for r in rows:
+        slices = ",".join(f"{a}:{b}" for a, b in r["slices"]) if r["slices"] else "all"
+        shape = f"{r['d_in']} x {r['d_out']}"
+        print(f"{r['name']:<{width}}  {r['kind']:<7} {shape:>13}  {slices:<18} "
+              f"{r['lora_params']:>9,}")
+    print(f"trainable LoRA parameters: {lora:,} of {total:,} ({100.0 * lora / total:.3f}%)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loralab",
@@ -215,6 +258,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # --- subcommands are registered below, one block each ---
+    p = sub.add_parser("targets", help="list the modules a LoRA preset adapts (no training)",
+                       description="List the modules LoRA would adapt, their shapes and the "
+                       "trainable parameter count r (d_in + d_out) per adapted matrix, "
+                       "without training.",
+                       epilog=TARGETS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="bundled name (smollm2-135m, minilm-l6), local dir or hub id")
+    p.add_argument("--preset", default="qv",
+                   choices=["qv", "attn", "attn-proj", "attn-proj-ffn", "all"],
+                   help="target preset (default: qv)")
+    p.add_argument("--targets", help="explicit module names or globs, comma-separated "
+                   "(overrides --preset)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 r)")
+    p.add_argument("--task", default="lm", choices=["lm", "classify", "generate"],
+                   help="model head to load (default: lm)")
+    p.add_argument("--num-labels", type=int, default=2, help="labels for --task classify")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_targets)
     # [engineer E] compare, runs, report, merge, generate
     p = sub.add_parser("compare", help="run a study (strategies x seeds) and write its report",
                        description="Run every missing run of a study (finished runs are skipped, "
@@ -301,7 +362,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep library chatter (transformers' load reports and progress bars, torchao's optional
+    kernel notices) off the terminal, so the command's own output and errors stay readable."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("torchao", "torch.utils._pytree", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

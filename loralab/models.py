@@ -138,10 +138,14 @@ def load_tokenizer(name: str) -> Any:
     Decoder tokenizers without a pad token (GPT-2) reuse their EOS as pad; attention masks and
     -100 labels keep the padding out of the loss, so that reuse is harmless.
     """
+    target, _, local_only = resolve(name, what="tokenizer")
+    return _load_tokenizer_at(name, target, local_only, "tokenizer")
+
+
+def _load_tokenizer_at(name: str, target: str, local_only: bool, what: str) -> Any:
     from transformers import AutoTokenizer
 
-    target, _, local_only = resolve(name, what="tokenizer")
-    tok = _from_pretrained(AutoTokenizer, name, target, local_only, "tokenizer")
+    tok = _from_pretrained(AutoTokenizer, name, target, local_only, what)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UserError(f"tokenizer {name!r} has neither a pad nor an eos token; "
@@ -209,8 +213,8 @@ def load_model(name: str, task: Task, *, num_labels: int = 2,
     if task != "classify" and name in _ENCODERS:
         raise UserError(f"{name!r} is an encoder (BERT) and cannot do {task}; use smollm2-135m")
     notes: list[str] = []
-    tokenizer = load_tokenizer(name)
     target, source, local_only = resolve(name)
+    tokenizer = _load_tokenizer_at(name, target, local_only, "model")
     if task == "classify":
         model = _from_pretrained(AutoModelForSequenceClassification, name, target, local_only,
                                  "model", num_labels=num_labels, dtype=dtype)
