@@ -208,7 +208,7 @@ def _explicit_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[Targe
                 f"{', '.join(_collapse(adaptable_names(model)))}"
             )
         chosen.update({n: None for n in hits if is_adaptable(modules[n])})
-    return [Target(n) for n in chosen]
+    return [Target(n) for n in modules if n in chosen]  # in the model's order
 
 
 def resolve_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]) -> list[Target]:
