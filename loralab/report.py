@@ -46,6 +46,10 @@ COST_COLUMNS = (
 )
 
 
+# Bookkeeping numbers in a metrics dict that are not quality (how many targets were scored).
+COUNT_KEYS = ("targets", "examples", "num_examples")
+
+
 def lower_is_better(metric: str) -> bool:
     tokens = set(re.split(r"[^a-z]+", metric.lower()))
     return bool(tokens & _LOWER_TOKENS) or "loss" in metric.lower() or "perplexity" in metric.lower()
@@ -135,7 +139,12 @@ def collect(rows: list[dict[str, Any]], name: str, config: dict[str, Any] | None
                 res.costs.setdefault(key, Stat([])).values.append(v)
     ordered = [by_name[n] for n in order if n in by_name]
     ordered += [r for n, r in by_name.items() if n not in order]
-    eval_sets = [e for e in eval_sets if e in metric_names]
+    configured = [e for e in eval_sets if e in metric_names and e in
+                  [x if isinstance(x, str) else x.get("name") for x in config.get("eval", [])]]
+    # The study's eval sets when it names them (the CSV keeps every split the runs recorded).
+    eval_sets = configured or [e for e in eval_sets if e in metric_names]
+    for names in metric_names.values():
+        names[:] = [m for m in names if m not in COUNT_KEYS]
     return StudyData(name=name, config=config, rows=rows, strategies=ordered,
                      eval_sets=eval_sets, metrics=metric_names)
 
@@ -172,7 +181,7 @@ def fmt_stat(stat: Stat | None, kind: str = "num") -> str:
     if stat is None:
         return "–"
     text = fmt_value(stat.mean, kind)
-    if stat.n > 1 and not (kind in ("int", "pct") and stat.std == 0):
+    if stat.n > 1 and stat.std != 0:
         text += f" ± {fmt_value(stat.std, 'num' if kind == 'int' else kind)}"
     return text
 
@@ -454,7 +463,12 @@ def environment(data: StudyData) -> dict[str, Any]:
 
 
 def csv_rows(data: StudyData) -> tuple[list[str], list[dict[str, Any]]]:
-    metric_cols = [f"{e}/{m}" for e in data.eval_sets for m in data.metrics.get(e, [])]
+    metric_cols: list[str] = []
+    for r in data.rows:
+        for e, ms in (r.get("metrics") or {}).items():
+            for m in (ms if isinstance(ms, dict) else {}):
+                if f"{e}/{m}" not in metric_cols:
+                    metric_cols.append(f"{e}/{m}")
     cost_keys: list[str] = []
     for r in data.rows:
         for k in (r.get("costs") or {}):

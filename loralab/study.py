@@ -52,10 +52,13 @@ STUDY_FIELDS = ("name", "description", "model", "task", "data", "eval", "budget"
 DATA_FIELDS = ("name", "fraction", "options")
 EVAL_FIELDS = ("name", "data", "split", "max_examples", "options")
 BUDGET_FIELDS = ("epochs", "max_steps", "batch_size", "grad_accum", "seq_len", "lr",
-                 "warmup_steps", "weight_decay", "label_smoothing", "eval_max_examples",
-                 "eval_every", "dtype")
+                 "warmup_steps", "warmup_ratio", "weight_decay", "label_smoothing", "schedule",
+                 "grad_clip", "precision", "eval_every", "eval_batches", "eval_max_examples")
+_INT_BUDGET = ("max_steps", "batch_size", "grad_accum", "seq_len", "warmup_steps", "eval_every",
+               "eval_batches", "eval_max_examples")
+_STR_BUDGET = ("schedule", "precision")
 STRATEGY_FIELDS = ("name", "method", "preset", "targets", "rank", "alpha", "dropout", "lr",
-                   "rslora", "train_head", "epochs", "max_steps", "options")
+                   "rslora", "head_epochs", "epochs", "max_steps", "options")
 PUBLISHED_FIELDS = ("source", "note", "rows")
 PUBLISHED_ROW_FIELDS = ("name", "params", "metrics")
 
@@ -119,7 +122,7 @@ class Strategy:
     dropout: float | None = None
     lr: float | None = None
     rslora: bool | None = None
-    train_head: bool | None = None
+    head_epochs: float | None = None
     epochs: float | None = None
     max_steps: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
@@ -306,12 +309,11 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     ck.fields(budget_raw, BUDGET_FIELDS, "budget")
     budget: dict[str, Any] = {}
     for key in BUDGET_FIELDS:
-        if key in ("dtype",):
+        if key in _STR_BUDGET:
             if budget_raw.get(key) is not None:
                 budget[key] = str(budget_raw[key])
             continue
-        kind = int if key in ("max_steps", "batch_size", "grad_accum", "seq_len", "warmup_steps",
-                              "eval_max_examples", "eval_every") else float
+        kind = int if key in _INT_BUDGET else float
         minimum, excl = (0, True) if key in ("epochs", "max_steps", "batch_size", "grad_accum",
                                              "seq_len", "lr") else (0, False)
         value = ck.number(budget_raw, key, "budget", kind=kind, minimum=minimum, exclusive=excl)
@@ -374,7 +376,7 @@ def parse_study(text: str, source: str = "<study>") -> Study:
             targets=targets, rank=rank, alpha=alpha, dropout=dropout,
             lr=ck.number(item, "lr", what, minimum=0, exclusive=True),
             rslora=None if item.get("rslora") is None else bool(item["rslora"]),
-            train_head=None if item.get("train_head") is None else bool(item["train_head"]),
+            head_epochs=ck.number(item, "head_epochs", what, minimum=0, exclusive=True),
             epochs=ck.number(item, "epochs", what, minimum=0, exclusive=True),
             max_steps=ck.number(item, "max_steps", what, kind=int, minimum=1),
             options=_plain(item.get("options") or {})))
@@ -449,10 +451,12 @@ def run_config(study: Study, strategy: Strategy, seed: int, run_dir: Path) -> di
     if study.num_labels is not None:
         config["num_labels"] = study.num_labels
     config.update(budget)
-    for key in ("preset", "targets", "rank", "alpha", "dropout", "rslora", "train_head"):
+    for key in ("preset", "rank", "alpha", "dropout", "rslora", "head_epochs"):
         value = getattr(strategy, key)
         if value is not None:
-            config[key] = list(value) if isinstance(value, tuple) else value
+            config[key] = value
+    if strategy.targets is not None:  # TrainConfig.preset takes comma-separated module names
+        config["preset"] = ",".join(strategy.targets)
     config.update(study.train_options)
     config.update(strategy.options)
     return config
@@ -520,74 +524,99 @@ def plan(study: Study, out_dir: Path, db) -> Iterator[tuple[RunSpec, str]]:
 
 
 def _prepare_run_dir(spec: RunSpec) -> None:
-    """Write the run's study config first, so a later resume knows what it belongs to. A run
-    dir left by a different config is kept, renamed aside, never deleted."""
-    if spec.run_dir.exists() and _stored_hash(spec.run_dir) != spec.config_hash \
-            and any(spec.run_dir.iterdir()):
+    """Write the run's study config first, so a later resume knows what it belongs to. Whatever
+    an earlier attempt left (another config, or a run killed before its first checkpoint) is
+    kept, renamed aside, never deleted."""
+    if spec.run_dir.exists() and any(spec.run_dir.iterdir()):
         aside = spec.run_dir.with_name(f"{spec.run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(spec.run_dir, aside)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(spec.run_dir / "study_config.json", spec.config)
 
 
-def default_run_fn(config: dict[str, Any], resume: bool) -> dict[str, Any]:
-    """Train one run with `loralab.train.train` (imported lazily: it pulls in torch)."""
-    from loralab import train as train_mod
-
-    return train_mod.train(to_train_config(config), resume=resume)
-
-
-# Study-config keys and the TrainConfig field names they may appear under.
-_ALIASES = {
-    "eval_sets": ("eval_sets", "eval", "evals"),
-    "preset": ("preset", "targets"),
-    "targets": ("targets",),
-    "data_options": ("data_options",),
-    "out": ("out", "out_dir", "run_dir"),
-    "epochs": ("epochs", "num_epochs"),
-    "lr": ("lr", "learning_rate"),
-    "max_steps": ("max_steps", "steps"),
-}
-# Keys that are bookkeeping for the study, not training settings.
-_STUDY_ONLY = ("strategy", "study")
+# Study-config keys that are the study's business, not TrainConfig fields.
+_STUDY_ONLY = ("strategy", "study", "eval_sets", "eval_max_examples", "data_options")
 
 
 def to_train_config(config: dict[str, Any]):
-    """A study run config -> `train.TrainConfig`, matching names against its fields.
+    """A study run config -> `train.TrainConfig`. A setting TrainConfig does not know is a
+    UserError (silently dropping, say, `dropout` would make a study measure something other
+    than what it says)."""
+    from loralab.train import make_config
 
-    A setting TrainConfig does not know is a UserError (silently dropping, say, `dropout` would
-    make a study measure something other than what it says)."""
-    from loralab.train import TrainConfig
-
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    kwargs: dict[str, Any] = {}
-    for key, value in config.items():
-        target = next((a for a in _ALIASES.get(key, (key,)) if a in fields), None)
-        if target is None:
-            if key in _STUDY_ONLY:
-                continue
-            raise UserError(f"study setting '{key}' is not a TrainConfig field; remove it "
-                            f"(TrainConfig fields: {', '.join(fields)})")
-        if target in kwargs and key == "targets":
-            continue
-        kwargs[target] = _coerce(value, fields[target])
-    if "run_id" in fields and "run_id" not in kwargs:
-        kwargs["run_id"] = f"{config.get('study')}/{config.get('strategy')}/seed{config.get('seed')}"
-    for key, name in (("strategy_name", "strategy"), ("name", "strategy")):
-        if key in fields and key not in kwargs and name in config:
-            kwargs[key] = config[name]
-    return TrainConfig(**kwargs)
+    return make_config({k: v for k, v in config.items() if k not in _STUDY_ONLY})
 
 
-def _coerce(value: Any, fld: dataclasses.Field) -> Any:
-    """Lists -> tuples (frozen dataclasses hold tuples). Eval-set dicts become their dataset
-    names when the field is a plain tuple of strings."""
-    if isinstance(value, list):
-        type_text = str(fld.type)
-        if value and isinstance(value[0], dict) and "str" in type_text and "dict" not in type_text:
-            return tuple(v["data"] for v in value)
-        return tuple(value)
-    return value
+def _subsample(dataset, n: int | None):
+    """The same n examples for every strategy and seed: a fixed (seed 0) permutation."""
+    if n is None or n >= len(dataset):
+        return dataset
+    import random
+
+    idx = sorted(random.Random(0).sample(range(len(dataset)), n))
+    return dataset.select(idx)
+
+
+def build_task_data(config: dict[str, Any], tokenizer):
+    """The run's data with the study's evaluation sets as extra splits.
+
+    `train.train` evaluates every non-train split of the data it is given, so each eval set
+    becomes a split named after it: the training set's own held-out split (test, else
+    validation) or the test split of another preset, tokenised with the same tokenizer and
+    seq_len, subsampled to max_examples (the same examples for every run). The validation split
+    (for the validation-loss curve and best-checkpoint choice) is subsampled to
+    eval_max_examples."""
+    from loralab.data import load_task_data
+
+    common = {"seq_len": config.get("seq_len", 128), "seed": config.get("seed", 0)}
+    base = load_task_data(config["data"], config["task"], tokenizer,
+                          data_fraction=config.get("data_fraction", 1.0),
+                          **common, **config.get("data_options", {}))
+    default_n = config.get("eval_max_examples")
+    splits = {"train": base.splits["train"]} if "train" in base.splits else {}
+    if "validation" in base.splits:
+        splits["validation"] = _subsample(base.splits["validation"], default_n)
+    for ev in config.get("eval_sets", []):
+        n = ev.get("max_examples") or default_n
+        if ev["data"] == config["data"] and not ev.get("options"):
+            source = base
+        else:
+            options = dict(ev.get("options", {}))
+            if ev["data"] == config["data"]:
+                options = {**config.get("data_options", {}), **options}
+            source = load_task_data(ev["data"], config["task"], tokenizer, **common, **options)
+        split = ev.get("split") or "test"
+        if split not in source.splits:
+            fallback = next((s for s in ("test", "validation") if s in source.splits), None)
+            if fallback is None:
+                raise UserError(f"eval set '{ev['name']}': dataset {ev['data']} has no "
+                                f"'{split}' split (splits: {', '.join(source.splits)}); set "
+                                "'split' in the study")
+            split = fallback
+        splits[ev["name"]] = _subsample(source.splits[split], n)
+    return dataclasses.replace(base, splits=splits)
+
+
+def default_run_fn(config: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """Train one run with `loralab.train.train` (imported lazily: it pulls in torch), on data
+    built by `build_task_data` so the record's metrics are keyed by the study's eval sets."""
+    from loralab import train as train_mod
+    from loralab.models import load_model
+
+    tc = to_train_config(config)
+    t0 = time.perf_counter()
+    loaded = load_model(tc.model, tc.task, num_labels=tc.num_labels)
+    task_data = build_task_data(config, loaded.tokenizer)
+    data_seconds = time.perf_counter() - t0
+    record = train_mod.train(tc, resume=resume, loaded=loaded, task_data=task_data)
+    record.setdefault("costs", {}).setdefault("load_seconds", data_seconds)
+    return record
+
+
+def check_configs(study: Study, out_dir: Path) -> None:
+    """Fail before any training if a run's settings are not valid TrainConfig fields."""
+    for spec in run_matrix(study, out_dir):
+        to_train_config(spec.config)
 
 
 def run_study(study: Study, out_dir: str | os.PathLike, *, run_fn: RunFn | None = None,
@@ -602,7 +631,9 @@ def run_study(study: Study, out_dir: str | os.PathLike, *, run_fn: RunFn | None 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_fn = run_fn or default_run_fn
+    if run_fn is None:
+        check_configs(study, out_dir)
+        run_fn = default_run_fn
     own_db = db is None
     db = db or ResultsDB(out_dir / "results.sqlite")
     try:
@@ -679,3 +710,116 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- using a run
+def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run directory's record (record.json), with its study config when present."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}; pass a directory under "
+                        "<study out>/runs/ (see `loralab runs`)")
+    record = _read_record(run_dir)
+    if record is None:
+        raise UserError(f"{run_dir} has no readable record.json; the run did not finish: "
+                        "re-run `loralab compare` on its study")
+    try:
+        record["study_config"] = json.loads((run_dir / "study_config.json").read_text())
+    except (OSError, ValueError):
+        record.setdefault("study_config", {})
+    return record
+
+
+def _resolve_artifact(run_dir: Path, path: str | None) -> Path | None:
+    if not path:
+        return None
+    p = Path(path)
+    for cand in (p, run_dir / p, run_dir / p.name):
+        if cand.exists():
+            return cand
+    return None
+
+
+def load_run_model(run_dir: str | os.PathLike):
+    """(model, tokenizer, record) of a run: its saved model, or the base model with its adapter.
+    """
+    from loralab.models import load_model
+
+    run_dir = Path(run_dir)
+    record = load_run(run_dir)
+    cfg = {**(record.get("config") or {}), **record["study_config"]}
+    if not cfg.get("model") or not cfg.get("task"):
+        raise UserError(f"{run_dir}/record.json names no model or task; it is not a loralab run")
+    task = str(cfg["task"])
+    kwargs = {"num_labels": int(cfg["num_labels"])} if cfg.get("num_labels") else {}
+    arts = record.get("artifacts") or {}
+    saved = _resolve_artifact(run_dir, arts.get("model"))
+    adapter = _resolve_artifact(run_dir, arts.get("adapter"))
+    if saved is not None:
+        loaded = load_model(str(saved), task, **kwargs)
+    else:
+        loaded = load_model(str(cfg["model"]), task, **kwargs)
+        if adapter is not None:
+            from loralab.adapter import load_adapter
+
+            load_adapter(loaded.model, adapter)
+        elif cfg.get("method") not in (None, "none"):
+            raise UserError(f"run {run_dir} saved neither a model nor an adapter; re-run it")
+    loaded.model.eval()
+    return loaded.model, loaded.tokenizer, record
+
+
+def merge_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the run's model with its adapters folded in (W + (alpha/r) B A) as a plain
+    transformers model (save_pretrained + tokenizer), ready for serving without loralab."""
+    from loralab.lora import has_lora, merge_lora
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output directory {out} is not empty; pass a new --out directory")
+    model, tokenizer, _ = load_run_model(run_dir)
+    if has_lora(model):
+        model = merge_lora(model)
+    tmp = out.with_name(out.name + ".tmp-merge")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out
+
+
+def generate_from_run(run_dir: str | os.PathLike, prompts: list[str], *,
+                      max_new_tokens: int = 40, temperature: float = 0.8, top_p: float = 0.95,
+                      seed: int = 0) -> list[str]:
+    """Sample a continuation per prompt (lm/generate runs) or, for a classifier, return the
+    predicted label with its probability."""
+    import torch
+
+    model, tokenizer, record = load_run_model(run_dir)
+    cfg = {**(record.get("config") or {}), **record["study_config"]}
+    torch.manual_seed(seed)
+    if cfg.get("task") == "classify":
+        out = []
+        with torch.no_grad():
+            for text in prompts:
+                enc = tokenizer(text, return_tensors="pt", truncation=True)
+                probs = model(**enc).logits.softmax(-1)[0]
+                label = int(probs.argmax())
+                out.append(f"label {label} (p={float(probs[label]):.3f})")
+        return out
+    out = []
+    with torch.no_grad():
+        for text in prompts:
+            enc = tokenizer(text, return_tensors="pt")
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens,
+                                 do_sample=temperature > 0, temperature=temperature or None,
+                                 top_p=top_p if temperature > 0 else None,
+                                 pad_token_id=tokenizer.pad_token_id)
+            out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:],
+                                        skip_special_tokens=True))
+    return out

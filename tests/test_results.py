@@ -1,0 +1,119 @@
+"""The results database: round trips, filters, rollback, and two processes writing at once."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from loralab.errors import UserError
+from loralab.results import ResultsDB, find_db
+from loralab.study import RunSpec
+
+
+def spec(study: str, strategy: str, seed: int, root: Path) -> RunSpec:
+    return RunSpec(run_id=f"{study}/{strategy}/seed{seed}", strategy=strategy, seed=seed,
+                   run_dir=root / f"{strategy}-seed{seed}",
+                   config={"method": "lora", "seed": seed, "strategy": strategy})
+
+
+def record(seed: int) -> dict:
+    return {"status": "finished", "config": {"lr": 1e-3}, "metrics": {"v": {"loss": 1.5 + seed}},
+            "costs": {"trainable_params": 7}, "curves": {"train_loss": [[1, 2.0]]},
+            "artifacts": {"adapter": "a"}, "env": {"torch": "x"}, "notes": ["n"]}
+
+
+def test_round_trip_and_filters(tmp_path):
+    with ResultsDB(tmp_path / "results.sqlite") as db:
+        assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        for strategy in ("full", "lora"):
+            for seed in (0, 1):
+                s = spec("st", strategy, seed, tmp_path)
+                db.start_run(s, "st")
+                if strategy == "full":
+                    db.record_run(s, record(seed), study="st")
+        row = db.get("st/full/seed1")
+        assert row["status"] == "finished" and row["metrics"] == {"v": {"loss": 2.5}}
+        assert row["config"]["study"]["strategy"] == "full"
+        assert row["config"]["train"] == {"lr": 1e-3}
+        assert row["curves"]["train_loss"] == [[1, 2.0]]
+        assert len(db.list_runs(status="running")) == 2
+        assert [r["seed"] for r in db.list_runs(strategy="full")] == [0, 1]
+        db.set_status("st/lora/seed0", "failed", error="boom")
+        assert db.get("st/lora/seed0")["error"] == "boom"
+        assert db.integrity_ok()
+    assert find_db(tmp_path) == tmp_path / "results.sqlite"
+    with pytest.raises(UserError, match="no results database"):
+        find_db(tmp_path / "missing")
+
+
+def test_failed_transaction_rolls_back(tmp_path):
+    with ResultsDB(tmp_path / "r.sqlite") as db:
+        db.start_run(spec("st", "a", 0, tmp_path), "st")
+        with pytest.raises(RuntimeError):
+            with db.transaction() as conn:
+                conn.execute("UPDATE runs SET status='failed'")
+                raise RuntimeError("killed mid-transaction")
+        assert db.get("st/a/seed0")["status"] == "running"
+
+
+def _writer(path: str, study: str, n: int, barrier) -> None:
+    db = ResultsDB(path, timeout=60)
+    barrier.wait()
+    root = Path(path).parent
+    for i in range(n):
+        s = spec(study, f"s{i % 5}", i, root)
+        db.start_run(s, study)
+        db.record_run(s, record(i), study=study)
+        db.list_runs(study=study)  # readers interleave with the other writer
+    db.close()
+
+
+def test_two_processes_writing_at_once(tmp_path):
+    path = str(tmp_path / "results.sqlite")
+    ResultsDB(path).close()
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    n = 60
+    procs = [ctx.Process(target=_writer, args=(path, name, n, barrier)) for name in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    with ResultsDB(path) as db:
+        assert db.integrity_ok()
+        for name in ("a", "b"):
+            rows = db.list_runs(study=name)
+            assert len(rows) == n
+            assert all(r["status"] == "finished" for r in rows)
+            assert sorted(r["metrics"]["v"]["loss"] for r in rows) == [1.5 + i for i in range(n)]
+    # a plain sqlite3 client sees the same committed data
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2 * n
+    con.close()
+
+
+def _killer(path: str) -> None:
+    db = ResultsDB(path)
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE runs SET status='failed'")
+    import os
+
+    os._exit(1)  # killed mid-transaction: nothing committed
+
+
+def test_killed_writer_leaves_committed_state(tmp_path):
+    path = str(tmp_path / "results.sqlite")
+    with ResultsDB(path) as db:
+        db.start_run(spec("st", "a", 0, tmp_path), "st")
+    p = mp.get_context("spawn").Process(target=_killer, args=(path,))
+    p.start()
+    p.join(timeout=60)
+    assert p.exitcode == 1
+    with ResultsDB(path) as db:
+        assert db.get("st/a/seed0")["status"] == "running"
+        assert db.integrity_ok()

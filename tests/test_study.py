@@ -1,0 +1,212 @@
+"""Study files: strict parsing, the run matrix, and resumable bookkeeping (with a recorded-style
+run function, so no training is needed; the slow test at the end trains for real)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loralab import study as st
+from loralab.errors import UserError
+from loralab.results import ResultsDB
+
+BASE = """\
+name: t
+model: minilm-l6
+task: classify
+data: rt-snippets
+eval: [rt-snippets]
+budget: {max_steps: 2, batch_size: 4, seq_len: 32, lr: 1.0e-3}
+seeds: 1
+strategies:
+  - {name: head, method: head}
+  - {name: lora-r1, method: lora, preset: qv, rank: 1, alpha: 2}
+"""
+
+
+def fake_run_fn(calls: list):
+    """A stand-in for train.train that writes a record like it and logs how it was called."""
+    def run(config: dict, resume: bool) -> dict:
+        calls.append((config["strategy"], config["seed"], resume))
+        out = Path(config["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"run_id": config["strategy"], "status": "finished", "config": config,
+                  "metrics": {e["name"]: {"loss": 1.0 + config["seed"], "f1": 0.5}
+                              for e in config["eval_sets"]},
+                  "costs": {"trainable_params": 10, "total_params": 100},
+                  "curves": {}, "artifacts": {}, "env": {}, "notes": []}
+        (out / "record.json").write_text(json.dumps(record))
+        return record
+    return run
+
+
+def test_parse_adds_untuned_row_and_shares_the_seed():
+    s = st.parse_study(BASE)
+    assert [x.name for x in s.strategies] == ["untuned", "head", "lora-r1"]
+    assert s.strategies[0].method == "none"
+    specs = st.run_matrix(s, Path("/tmp/x"))
+    # same data, same order: every strategy of a seed gets that seed and the same budget
+    assert {(sp.config["seed"], sp.config["data"], sp.config["batch_size"]) for sp in specs} \
+        == {(0, "rt-snippets", 4)}
+    assert specs[1].config["lr"] == 1.0e-3 and specs[2].config["rank"] == 1
+
+
+def test_strategy_lr_overrides_budget_and_seeds_flag():
+    s = st.parse_study(BASE.replace("{name: head, method: head}",
+                                    "{name: head, method: head, lr: 0.01}"))
+    s = st.with_seeds(s, 3)
+    specs = st.run_matrix(s, Path("/tmp/x"))
+    assert len(specs) == 9
+    assert {sp.config["lr"] for sp in specs if sp.strategy == "head"} == {0.01}
+    assert {sp.config["lr"] for sp in specs if sp.strategy == "lora-r1"} == {1.0e-3}
+    assert sorted({sp.seed for sp in specs}) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("text, needle", [
+    (BASE.replace("seeds: 1", "seeds: 1\nfoo: 3"), "unknown field 'foo' in the study"),
+    (BASE.replace("rank: 1", "rnak: 1"), "unknown field 'rnak' in a strategy; valid fields:"),
+    (BASE.replace("seq_len: 32", "seq_len: 32, sequence: 4"), "unknown field 'sequence' in budget"),
+    (BASE.replace("method: head}", "method: heads}"), "unknown method 'heads'"),
+    (BASE.replace("preset: qv", "preset: qkv"), "unknown preset 'qkv'"),
+    (BASE.replace("rank: 1", "rank: 0"), "'rank' must be an integer >= 1"),
+    (BASE.replace("task: classify", "task: regress"), "unknown task 'regress'"),
+    (BASE.replace("{name: head, method: head}", "{name: head, method: head, rank: 4}"),
+     "'rank' only applies to LoRA methods"),
+    (BASE.replace("name: lora-r1", "name: head"), "appears twice"),
+    (BASE.replace("model: minilm-l6\n", ""), "missing field 'model'"),
+    (BASE.replace("max_steps: 2", "max_steps: 2, epochs: 1"), "both 'epochs' and 'max_steps'"),
+])
+def test_validation_errors_name_the_problem(text, needle):
+    with pytest.raises(UserError) as info:
+        st.parse_study(text, source="s.yaml")
+    msg = str(info.value)
+    assert needle in msg
+    assert "\n" not in msg and msg.startswith("s.yaml")
+
+
+def test_unknown_field_error_has_the_line():
+    text = BASE.replace("rank: 1", "rnak: 1")
+    with pytest.raises(UserError, match=r"^s\.yaml:10: unknown field 'rnak'"):
+        st.parse_study(text, source="s.yaml")
+
+
+def test_yaml_syntax_error_has_the_line():
+    text = BASE.replace("seeds: 1", "seeds: [1, 2")
+    with pytest.raises(UserError, match=r"^s\.yaml:\d+: not valid YAML"):
+        st.parse_study(text, source="s.yaml")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("name: t\nmodel: [unclosed\n", "not valid YAML"),
+    (BASE + "bogus_field: 1\n", "unknown field 'bogus_field'"),
+])
+def test_cli_bad_study_exits_2_with_one_line(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "loralab", "compare", str(path), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert needle in err and "Traceback" not in err
+    assert str(path) in err
+
+
+def test_cli_missing_study_and_missing_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "loralab", "compare", str(tmp_path / "no.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "study file not found" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run([sys.executable, "-m", "loralab", "generate", "--run",
+                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "run directory not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bundled_studies_parse():
+    bundled = st.bundled_studies()
+    assert "default" in bundled
+    for name, path in bundled.items():
+        s = st.load_study(path)
+        assert any(x.method == "none" for x in s.strategies), name
+    repo_copy = Path(__file__).resolve().parents[1] / "studies" / "default.yaml"
+    assert repo_copy.read_text() == bundled["default"].read_text()
+    assert st.resolve_study_path(None) == bundled["default"]
+
+
+def test_default_study_shape():
+    s = st.load_study(st.resolve_study_path(None))
+    assert s.model == "smollm2-135m" and s.data == "wiki-leads"
+    assert [x.method for x in s.strategies] == ["none", "full"] + ["lora"] * 4
+    assert [x.preset for x in s.strategies[2:]] == ["attn", "attn-proj", "attn-proj-ffn", "all"]
+    assert [e.data for e in s.eval] == ["wiki-leads", "wiki-lambada"]
+
+
+def test_run_study_skips_finished_and_resumes(tmp_path):
+    s = st.parse_study(BASE)
+    calls: list = []
+    st.run_study(s, tmp_path, run_fn=fake_run_fn(calls), progress=lambda m: None)
+    assert calls == [("untuned", 0, False), ("head", 0, False), ("lora-r1", 0, False)]
+
+    # everything finished: nothing runs again
+    calls.clear()
+    st.run_study(s, tmp_path, run_fn=fake_run_fn(calls), progress=lambda m: None)
+    assert calls == []
+
+    # a run killed mid-way with checkpoints: its row says running; it resumes with resume=True
+    with ResultsDB(tmp_path / "results.sqlite") as db:
+        db.set_status("t/head/seed0", "running")
+    run_dir = tmp_path / "runs" / "head-seed0"
+    (run_dir / "record.json").unlink()
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"x")
+    # a run whose record.json finished but the DB never heard: ingested, not retrained
+    with ResultsDB(tmp_path / "results.sqlite") as db:
+        db.set_status("t/lora-r1/seed0", "interrupted")
+    st.run_study(s, tmp_path, run_fn=fake_run_fn(calls), progress=lambda m: None)
+    assert calls == [("head", 0, True)]
+    with ResultsDB(tmp_path / "results.sqlite") as db:
+        assert {r["status"] for r in db.list_runs()} == {"finished"}
+        assert db.get("t/lora-r1/seed0")["metrics"]["rt-snippets"]["f1"] == 0.5
+
+
+def test_changed_config_reruns_and_keeps_the_old_dir(tmp_path):
+    calls: list = []
+    st.run_study(st.parse_study(BASE), tmp_path, run_fn=fake_run_fn(calls),
+                 progress=lambda m: None)
+    calls.clear()
+    changed = st.parse_study(BASE.replace("rank: 1, alpha: 2", "rank: 2, alpha: 2"))
+    st.run_study(changed, tmp_path, run_fn=fake_run_fn(calls), progress=lambda m: None)
+    assert calls == [("lora-r1", 0, False)]
+    assert list((tmp_path / "runs").glob("lora-r1-seed0.old-*"))
+
+
+def test_failed_run_is_recorded_and_study_continues(tmp_path):
+    calls: list = []
+    ok = fake_run_fn(calls)
+
+    def flaky(config, resume):
+        if config["strategy"] == "head":
+            raise RuntimeError("boom")
+        return ok(config, resume)
+
+    rows = st.run_study(st.parse_study(BASE), tmp_path, run_fn=flaky, progress=lambda m: None)
+    status = {r["strategy"]: (r["status"], r["error"]) for r in rows}
+    assert status["head"] == ("failed", "RuntimeError: boom")
+    assert status["lora-r1"][0] == "finished"
+    # the next compare retries only the failed run
+    calls.clear()
+    st.run_study(st.parse_study(BASE), tmp_path, run_fn=ok, progress=lambda m: None)
+    assert calls == [("head", 0, False)]
+
+
+def test_unknown_train_setting_fails_before_training(tmp_path):
+    pytest.importorskip("loralab.train")
+    s = st.parse_study(BASE.replace("{name: head, method: head}",
+                                    "{name: head, method: head, options: {not_a_field: 1}}"))
+    with pytest.raises(UserError, match="not_a_field"):
+        st.run_study(s, tmp_path, progress=lambda m: None)
