@@ -1,0 +1,171 @@
+"""Cross-entropy over a large vocabulary without materialising the logits.
+
+A causal LM's loss is  L = sum_t CE(h_t W^T + b, y_t)  over the N scored tokens, with W the
+V x d output head. Computed the usual way, the N x V logits (fp32: 1024 tokens x 49,152 = 200 MB
+for SmolLM2 at batch 8 x 128) are stored for backward, and the softmax, log-softmax and their
+gradients each make another copy: about 0.6 GB, the largest single item in a LoRA step.
+
+Because the loss is the end of the graph, its gradient can be formed in the forward pass, one
+chunk of tokens at a time (as Liger-Kernel's fused linear cross-entropy does):
+
+    z = h W^T + b                         (chunk x V, transient)
+    p = softmax(z);  q = (1 - eps) onehot(y) + eps / V      (label smoothing eps)
+    loss = sum_t [ logsumexp(z_t) - <q_t, z_t> ]
+    dL/dz = p - q  ->  dL/dh = (p - q) W,  dL/dW = (p - q)^T h,  dL/db = sum_t (p - q)
+
+Only dL/dh (N x d) and the head's gradients are kept; backward scales them by the incoming
+gradient. A LoRA-adapted head (W + s B A) is handled in the same pass:
+dL/dh += s ((p - q) B) A,  dL/dA = s ((p - q) B)^T h,  dL/dB = s (p - q)^T (h A^T).
+
+The result is exact (same loss and gradients as `F.cross_entropy` on full logits, up to float
+summation order) and returns the *sum* of token losses and the token count, so gradient
+accumulation can weight micro-batches by tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, scale: float,
+                label_smoothing: float, chunk_size: int, p: float, seed: int):
+        n, d = hidden.shape
+        vocab = weight.shape[0]
+        dtype = _compute_dtype(hidden)
+        need_w = weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        need_lora = lora_a is not None and lora_a.requires_grad
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            a = lora_a.to(dtype) if lora_a is not None else None
+            bb = lora_b.to(dtype) if lora_b is not None else None
+            grad_h = torch.empty(n, d, dtype=hidden.dtype, device=hidden.device) \
+                if hidden.requires_grad else None
+            acc = torch.promote_types(dtype, torch.float32)  # accumulate in >= fp32
+            grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+            grad_b = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_b else None
+            grad_a = torch.zeros_like(lora_a, dtype=acc) if need_lora else None
+            grad_bb = torch.zeros_like(lora_b, dtype=acc) if need_lora else None
+            total = torch.zeros((), dtype=acc, device=hidden.device)
+            for start in range(0, n, chunk_size):
+                h = hidden[start:start + chunk_size].to(dtype)
+                y = labels[start:start + chunk_size]
+                z = F.linear(h, w, b)                                   # (c, V)
+                u = hd = None
+                if a is not None:
+                    hd = h if p == 0 else h * _chunk_mask(hidden, p, seed, start, chunk_size, dtype)
+                    u = hd @ a.T                                        # (c, r)
+                    z.addmm_(u, bb.T, alpha=scale)
+                z = z.to(torch.promote_types(z.dtype, torch.float32))   # softmax in >= fp32
+                valid = y != IGNORE_INDEX
+                safe_y = torch.where(valid, y, torch.zeros_like(y))
+                lse = torch.logsumexp(z, dim=-1)                        # (c,)
+                target = z.gather(1, safe_y[:, None]).squeeze(1)
+                loss_t = lse - target
+                if label_smoothing > 0:
+                    loss_t = (1 - label_smoothing) * loss_t + \
+                        label_smoothing * (lse - z.mean(dim=-1))
+                total += (loss_t * valid).sum()
+                # dL/dz = softmax(z) - q, zero on ignored rows; computed in place on z
+                g = z.sub_(lse[:, None]).exp_()
+                g.scatter_add_(1, safe_y[:, None],
+                               torch.full_like(target[:, None], -(1 - label_smoothing)))
+                if label_smoothing > 0:
+                    g.sub_(label_smoothing / vocab)
+                g.mul_(valid[:, None])
+                gc = g.to(dtype)
+                if grad_h is not None:
+                    gh = gc @ w                                         # (c, d)
+                    if a is not None and p == 0:
+                        gh.addmm_(gc @ bb, a, alpha=scale)
+                    elif a is not None:                                 # through the dropout
+                        mask = _chunk_mask(hidden, p, seed, start, chunk_size, dtype)
+                        gh.add_((gc @ bb @ a).mul_(mask), alpha=scale)
+                    grad_h[start:start + chunk_size] = gh
+                if need_w:
+                    grad_w.addmm_(gc.T.to(acc), h.to(acc))
+                if need_b:
+                    grad_b += g.sum(0).to(acc)
+                if need_lora:
+                    gbb = gc @ bb                                       # (c, r)
+                    grad_a.addmm_(gbb.T.to(acc), hd.to(acc), alpha=scale)
+                    grad_bb.addmm_(gc.T.to(acc), u.to(acc), alpha=scale)
+        ctx.save_for_backward(grad_h, grad_w, grad_b, grad_a, grad_bb)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype,
+                      None if lora_a is None else lora_a.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w, grad_b, grad_a, grad_bb = ctx.saved_tensors
+        w_dtype, b_dtype, lora_dtype = ctx.dtypes
+
+        def scaled(t, dtype):
+            return None if t is None else (t * grad_total).to(dtype or t.dtype)
+
+        return (scaled(grad_h, None), scaled(grad_w, w_dtype), scaled(grad_b, b_dtype),
+                scaled(grad_a, lora_dtype), scaled(grad_bb, lora_dtype),
+                None, None, None, None, None, None)
+
+
+def _chunk_mask(hidden: torch.Tensor, p: float, seed: int, start: int, chunk: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Rows start..start+chunk of the LoRA-branch dropout mask over all of `hidden`'s tokens
+    (one mask, drawn from `seed`, so it does not depend on the chunk size)."""
+    from loralab.lora import dropout_mask
+
+    rows = min(chunk, hidden.shape[0] - start)
+    generator_seed = seed + start  # a distinct, reproducible stream per chunk
+    return dropout_mask(torch.Size((rows, hidden.shape[1])), p, generator_seed, hidden.device,
+                        dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                               label_smoothing: float = 0.0,
+                               chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies, number of scored tokens) of `head(hidden)` against
+    `labels` (already aligned: labels[t] is the target for hidden[t]; -100 = no loss), never
+    holding more than `chunk_size` x V logits. `head` is an `nn.Linear` or a LoRA-adapted one."""
+    from loralab.lora import LoRALinear, draw_seed
+
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    keep = labels != IGNORE_INDEX
+    count = int(keep.sum())
+    if count < labels.numel():  # score only the tokens with a label: no work on padding
+        hidden, labels = hidden[keep], labels[keep]
+    p, seed = 0.0, 0
+    if isinstance(head, LoRALinear) and not head.merged:
+        if head.conv1d or len(head.slices) != 1:
+            raise ValueError("fused cross-entropy needs an unsliced Linear LoRA head")
+        base, a, b, scale = head.base, head.lora_A, head.lora_B, head.scale
+        if head.training and head.dropout > 0:
+            p, seed = head.dropout, draw_seed()
+    else:
+        base, a, b, scale = (head.base if isinstance(head, LoRALinear) else head), None, None, 0.0
+    if not isinstance(base, nn.Linear):
+        raise ValueError(f"fused cross-entropy needs a Linear head, got {type(base).__name__}")
+    total = _FusedLinearCE.apply(hidden, base.weight, base.bias, a, b, labels, scale,
+                                 label_smoothing, chunk_size, p, seed)
+    return total, count
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Next-token targets aligned with the positions that predict them: out[:, t] = labels[:,
+    t + 1], and the last position gets no target (-100)."""
+    pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1)
