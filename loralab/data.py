@@ -601,12 +601,24 @@ def _check_raw(name: str, raw: Raw, task: str, num_labels: int | None) -> None:
                 raise UserError(f"{name}: labels {bad[:5]} outside 0..{(num_labels or 0) - 1}")
 
 
+def _wanted_splits(value: Any) -> list[str]:
+    if value is None:
+        return list(SPLITS)
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
+    bad = [v for v in names if v not in SPLITS]
+    if bad or not names:
+        raise UserError(f"splits {bad or names} not understood; choose from {', '.join(SPLITS)}")
+    return [s for s in SPLITS if s in names]
+
+
 def load_task_data(name: str, task: str | None, tokenizer: Any, *, seq_len: int = 128,
                    data_fraction: float = 1.0, seed: int = 0, **options: Any) -> TaskData:
     """Load, tokenise (cached) and split a dataset for `task`; see the module docstring.
 
     options: data_dir (E2E CSV folder), text_column / label_column / source_column /
-    target_column / num_labels (local files). `task=None` takes the preset's default.
+    target_column / num_labels (local files), splits (e.g. "validation,test" to prepare only
+    those; saves tokenising a training set that an evaluation does not need). `task=None`
+    takes the preset's default.
     """
     import datasets
 
@@ -616,8 +628,10 @@ def load_task_data(name: str, task: str | None, tokenizer: Any, *, seq_len: int 
         raise UserError(f"data_fraction must be in (0, 1] (got {data_fraction})")
     t0 = time.perf_counter()
     kind, task, ident = _resolve_source(name, task, options)
-    key_src = json.dumps([DATA_VERSION, kind, ident, task, seq_len, _tokenizer_fingerprint(tokenizer),
-                          sorted((k, str(v)) for k, v in options.items())])
+    wanted = _wanted_splits(options.pop("splits", None))
+    key_opts = sorted((k, str(v)) for k, v in options.items() if k != "data_dir")
+    key_src = json.dumps([DATA_VERSION, kind, ident, task, seq_len, wanted,
+                          _tokenizer_fingerprint(tokenizer), key_opts])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
     cache = bundled.cache_dir() / "datasets" / key
     meta_path = cache / "meta.json"
@@ -628,6 +642,9 @@ def load_task_data(name: str, task: str | None, tokenizer: Any, *, seq_len: int 
         splits = {s: dsd[s] for s in meta["splits"]}
     else:
         raw, label_names = _raw(name, kind, task, options)
+        raw = {k: v for k, v in raw.items() if k in wanted}
+        if not raw:
+            raise UserError(f"{name}: none of the splits {', '.join(wanted)} exist")
         num_labels = len(label_names) if (task == "classify" and label_names) else None
         _check_raw(name, raw, task, num_labels)
         splits, notes = {}, []
