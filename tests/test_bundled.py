@@ -91,3 +91,13 @@ def test_publish_dir_keeps_the_winner(tmp_path):
     bundled._atomic_bytes(tmp_path / "x" / "f.bin", b"abc")
     assert (tmp_path / "x" / "f.bin").read_bytes() == b"abc"
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["f.bin"]
+
+
+def test_cli_setup_reports_each_asset(capsys):
+    from loralab import cli
+
+    assert cli.main(["setup"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smollm2-135m", "minilm-l6", "gpt2 tokenizer", "wiki-leads", "rt-snippets"):
+        assert name in out
+    assert len(out.strip().splitlines()) <= 8
