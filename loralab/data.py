@@ -100,7 +100,7 @@ class Collator:
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        token_labels = not isinstance(rows[0]["labels"], (int, np.integer))
+        token_labels = torch.as_tensor(rows[0]["labels"]).ndim > 0  # else one class per row
         labels = (torch.full((len(rows), width), -100, dtype=torch.long) if token_labels
                   else torch.tensor([int(r["labels"]) for r in rows], dtype=torch.long))
         for i, r in enumerate(rows):

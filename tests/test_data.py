@@ -211,6 +211,9 @@ def test_collate_pads_and_masks():
     cls = c([{"input_ids": [1, 2], "attention_mask": [1, 1], "labels": 1},
              {"input_ids": [3], "attention_mask": [1], "labels": 0}])
     assert cls["labels"].dtype == torch.long and cls["labels"].tolist() == [1, 0]
+    as_tensors = c([{"input_ids": torch.tensor([1, 2]), "attention_mask": torch.tensor([1, 1]),
+                     "labels": torch.tensor(1)}])  # rows from a torch-formatted dataset
+    assert as_tensors["labels"].tolist() == [1]
 
 
 def test_collate_feeds_a_real_dataloader(minilm):
