@@ -47,7 +47,7 @@ COST_COLUMNS = (
 
 
 # Bookkeeping numbers in a metrics dict that are not quality (how many targets were scored).
-COUNT_KEYS = ("targets", "examples", "num_examples")
+COUNT_KEYS = ("targets", "examples", "num_examples", "generated")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -254,7 +254,7 @@ def cost_table(data: StudyData) -> Table:
             rows.append([f"{r['name']} (published)", "–", fmt_value(float(r["params"]), "int")]
                         + ["–"] * (len(COST_COLUMNS) - 1))
     return Table("Cost per strategy", header, rows, set(), italic,
-                 "Peak memory is the process's peak resident memory during training (see the "
+                 "Peak memory is the growth of the process's resident memory during training (see the "
                  "run records for tensor-level peaks); adapter/model MB is the size on disk of "
                  "what the run saved.")
 

@@ -50,7 +50,9 @@ PRESETS = ("qv", "attn", "attn-proj", "attn-proj-ffn", "all")
 STUDY_FIELDS = ("name", "description", "model", "task", "data", "eval", "budget", "seeds",
                 "strategies", "published", "train_options", "num_labels")
 DATA_FIELDS = ("name", "fraction", "options")
-EVAL_FIELDS = ("name", "data", "split", "max_examples", "options")
+EVAL_FIELDS = ("name", "data", "split", "max_examples", "options", "generate")
+GENERATE_FIELDS = ("max_examples", "max_new_tokens", "num_beams", "length_penalty",
+                   "no_repeat_ngram_size", "prompt_tokens", "java")
 BUDGET_FIELDS = ("epochs", "max_steps", "batch_size", "grad_accum", "seq_len", "lr",
                  "warmup_steps", "warmup_ratio", "weight_decay", "label_smoothing", "schedule",
                  "grad_clip", "precision", "eval_every", "eval_batches", "eval_max_examples")
@@ -107,6 +109,10 @@ class EvalSet:
     split: str = "test"
     max_examples: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    generate: dict[str, Any] | None = None
+    """Also decode and score generations (BLEU, NIST, METEOR, ROUGE, CIDEr, chrF, TER): for a
+    `generate` task against the split's references, for `lm` as continuations of held-out
+    text (the first prompt_tokens of a block as prompt, the rest as reference)."""
 
 
 @dataclass(frozen=True)
@@ -295,9 +301,20 @@ def parse_study(text: str, source: str = "<study>") -> Study:
             if not ename:
                 ck.fail(raw, "eval", "an eval set needs a 'name' (and optionally 'data')")
             max_ex = ck.number(item, "max_examples", f"eval set {ename}", kind=int, minimum=1)
+            gen = item.get("generate")
+            if gen is True:
+                gen = {}
+            elif gen in (None, False):
+                gen = None
+            else:
+                ck.fields(gen, GENERATE_FIELDS, f"eval set {ename}: generate")
+                for key in GENERATE_FIELDS:
+                    if key not in ("java", "length_penalty"):
+                        ck.number(gen, key, f"eval set {ename}: generate", kind=int, minimum=1)
+                gen = _plain(gen)
             evals.append(EvalSet(name=ename, data=str(item.get("data") or ename),
                                  split=str(item.get("split") or "test"), max_examples=max_ex,
-                                 options=_plain(item.get("options") or {})))
+                                 options=_plain(item.get("options") or {}), generate=gen))
         else:
             evals.append(EvalSet(name=str(item), data=str(item)))
     names = [e.name for e in evals]
@@ -608,9 +625,75 @@ def default_run_fn(config: dict[str, Any], resume: bool) -> dict[str, Any]:
     loaded = load_model(tc.model, tc.task, num_labels=tc.num_labels)
     task_data = build_task_data(config, loaded.tokenizer)
     data_seconds = time.perf_counter() - t0
+    finished_before = resume and (_read_record(Path(tc.out)) or {}).get("status") == "finished"
     record = train_mod.train(tc, resume=resume, loaded=loaded, task_data=task_data)
     record.setdefault("costs", {}).setdefault("load_seconds", data_seconds)
+    gens = [e for e in config.get("eval_sets", []) if e.get("generate") is not None]
+    if gens and record.get("status") == "finished":
+        # train() returns a finished record without training: use the saved weights instead
+        model, tokenizer = loaded.model, loaded.tokenizer
+        if finished_before:
+            model, tokenizer, _ = load_run_model(tc.out)
+        t0 = time.perf_counter()
+        for ev in gens:
+            scores = generation_scores(model, tokenizer, task_data, ev, config)
+            record["metrics"].setdefault(ev["name"], {}).update(scores)
+        record["costs"]["generation_seconds"] = time.perf_counter() - t0
+        _write_json(Path(tc.out) / "record.json", record)
     return record
+
+
+def generation_scores(model, tokenizer, task_data, ev: dict[str, Any], config: dict[str, Any]
+                      ) -> dict[str, float]:
+    """Decode the eval set's prompts and score them against its references with the E2E
+    scorers (loralab.e2e_metrics): mteval BLEU/NIST, METEOR, ROUGE_L, CIDEr (when Java is
+    installed), sacreBLEU, chrF, TER, ROUGE-1/2/L."""
+    import shutil
+
+    import torch
+
+    from loralab import e2e_metrics
+
+    gen = ev.get("generate") or {}
+    n = gen.get("max_examples") or ev.get("max_examples") or 50
+    if config["task"] == "generate":
+        if ev["name"] not in task_data.refs and not task_data.refs:
+            raise UserError(f"eval set '{ev['name']}' has no references to score generations "
+                            "against; remove 'generate' from it")
+        split = ev.get("split") or "test"
+        pairs = task_data.references(split if split in task_data.refs else next(iter(
+            task_data.refs)))
+        pairs = pairs[:n]
+    else:  # continuations of held-out text
+        k = int(gen.get("prompt_tokens") or 32)
+        rows = task_data.splits[ev["name"]]
+        pairs = []
+        for ids in rows["input_ids"][:n]:
+            if len(ids) > k + 4:
+                pairs.append((tokenizer.decode(ids[:k]), [tokenizer.decode(ids[k:])]))
+    if not pairs:
+        raise UserError(f"eval set '{ev['name']}': no examples to generate from")
+    max_new = int(gen.get("max_new_tokens") or 48)
+    beams = int(gen.get("num_beams") or 1)
+    model.eval()
+    hyps = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        for prompt, _ in pairs:
+            enc = tokenizer(prompt, return_tensors="pt")
+            out = model.generate(**enc, max_new_tokens=max_new, num_beams=beams, do_sample=False,
+                                 length_penalty=float(gen.get("length_penalty", 1.0)),
+                                 no_repeat_ngram_size=int(gen.get("no_repeat_ngram_size") or 0),
+                                 pad_token_id=pad)
+            text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            hyps.append(text.strip().split("\n")[0] if config["task"] == "generate"
+                        else text.strip())
+    java = bool(gen.get("java", True)) and shutil.which("java") is not None
+    refs = [r for _, r in pairs]
+    hyps = [h if h.strip() else "." for h in hyps]  # an empty output still counts, as a miss
+    scores = e2e_metrics.score_e2e(refs, hyps, java=java)
+    scores["generated"] = len(hyps)
+    return {k: float(v) for k, v in scores.items()}
 
 
 def check_configs(study: Study, out_dir: Path) -> None:
