@@ -131,7 +131,8 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     table = []
     for r in rows:
         head = ""
-        for set_name, metrics in (r.get("metrics") or {}).items():
+        sets = sorted((r.get("metrics") or {}).items(), key=lambda kv: kv[0] == "validation")
+        for set_name, metrics in sets:
             if isinstance(metrics, dict) and metrics:
                 key = next((k for k in ("perplexity", "f1", "accuracy", "BLEU") if k in metrics),
                            next(iter(metrics)))
@@ -199,8 +200,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     outputs = study.generate_from_run(args.run, prompts, max_new_tokens=args.max_new_tokens,
                                       temperature=args.temperature, seed=args.seed)
     for prompt, text in zip(prompts, outputs):
-        print(f"{prompt}{'' if text.startswith(' ') or text.startswith('label') else ' '}"
-              f"{text}" if not text.startswith("label") else f"{prompt!r} -> {text}")
+        if text.startswith("label "):  # a classifier run
+            print(f"{prompt!r} -> {text}")
+        else:
+            print(f"{prompt}{'' if text[:1].isspace() else ' '}{text}\n")
     return 0
 
 

@@ -43,7 +43,7 @@ import yaml
 
 from loralab.errors import UserError
 
-METHODS = ("none", "full", "head", "lora", "lora-head", "qat-lora")
+METHODS = ("none", "full", "head", "lora", "lora-head", "qat-lora", "qlora", "lora-ptq")
 TASKS = ("lm", "classify", "generate")
 PRESETS = ("qv", "attn", "attn-proj", "attn-proj-ffn", "all")
 
@@ -378,7 +378,7 @@ def parse_study(text: str, source: str = "<study>") -> Study:
             targets = (targets,) if isinstance(targets, str) else tuple(str(t) for t in targets)
         if preset is not None and targets is not None:
             ck.fail(item, "targets", f"{what}: set 'preset' or 'targets', not both")
-        is_lora = method in ("lora", "lora-head", "qat-lora")
+        is_lora = method in ("lora", "lora-head", "qat-lora", "qlora", "lora-ptq")
         for key in ("preset", "targets", "rank", "alpha", "dropout", "rslora"):
             if item.get(key) is not None and not is_lora:
                 ck.fail(item, key, f"{what}: '{key}' only applies to LoRA methods, not "
@@ -842,10 +842,17 @@ def load_run_model(run_dir: str | os.PathLike):
         loaded = load_model(str(saved), task, **kwargs)
     else:
         loaded = load_model(str(cfg["model"]), task, **kwargs)
+        head = _resolve_artifact(run_dir, arts.get("head"))
         if adapter is not None:
             from loralab.adapter import load_adapter
 
             load_adapter(loaded.model, adapter)
+        elif head is not None:  # head-only runs save the head's tensors
+            from safetensors.torch import load_file
+
+            from loralab.models import task_head
+
+            task_head(loaded.model).load_state_dict(load_file(str(head / "head.safetensors")))
         elif cfg.get("method") not in (None, "none"):
             raise UserError(f"run {run_dir} saved neither a model nor an adapter; re-run it")
     loaded.model.eval()
