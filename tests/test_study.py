@@ -133,6 +133,9 @@ def test_bundled_studies_parse():
     for name, path in bundled.items():
         s = st.load_study(path)
         assert any(x.method == "none" for x in s.strategies), name
+    pytest.importorskip("loralab.train")
+    for path in bundled.values():  # every setting is a TrainConfig field
+        st.check_configs(st.load_study(path), Path("/tmp/unused"))
     repo_copy = Path(__file__).resolve().parents[1] / "studies" / "default.yaml"
     assert repo_copy.read_text() == bundled["default"].read_text()
     assert st.resolve_study_path(None) == bundled["default"]
