@@ -213,3 +213,73 @@ def test_unknown_train_setting_fails_before_training(tmp_path):
                                     "{name: head, method: head, options: {not_a_field: 1}}"))
     with pytest.raises(UserError, match="not_a_field"):
         st.run_study(s, tmp_path, progress=lambda m: None)
+
+
+TINY_REAL = """\
+name: tiny-real
+model: minilm-l6
+task: classify
+num_labels: 2
+data: {name: rt-snippets, fraction: 0.02}
+eval: [{name: rt-snippets, data: rt-snippets, max_examples: 32}]
+budget: {max_steps: 2, batch_size: 8, seq_len: 32, lr: 1.0e-3, eval_every: 1, eval_batches: 1,
+         eval_max_examples: 16}
+strategies:
+  - {name: head, method: head}
+  - {name: lora-r2, method: lora, preset: qv, rank: 2, alpha: 4}
+"""
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_tiny_real_training(tmp_path):
+    """`loralab compare` on a tiny real study: trains, writes the DB and the report, skips
+    everything on a second call, and `merge` writes a model equal to base + adapter."""
+    import torch
+
+    from loralab.cli import main
+
+    pytest.importorskip("loralab.train")
+    try:
+        from loralab.models import load_model
+
+        load_model("minilm-l6", "classify")
+    except UserError as exc:
+        pytest.skip(f"bundled minilm-l6 not installed: {exc}")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_REAL)
+    out = tmp_path / "out"
+    assert main(["compare", str(path), "--out", str(out)]) == 0
+    root = out / "tiny-real"
+    with ResultsDB(root / "results.sqlite") as db:
+        rows = db.list_runs()
+    assert sorted(r["strategy"] for r in rows) == ["head", "lora-r2", "untuned"]
+    assert all(r["status"] == "finished" for r in rows)
+    by = {r["strategy"]: r for r in rows}
+    for r in rows:
+        assert set(r["metrics"]) >= {"rt-snippets"}
+        assert 0.0 <= r["metrics"]["rt-snippets"]["f1"] <= 1.0
+    assert by["untuned"]["costs"]["trainable_params"] == 0
+    assert 0 < by["head"]["costs"]["trainable_params"] < by["lora-r2"]["costs"]["trainable_params"]
+    assert by["lora-r2"]["curves"]["train_loss"]
+    for name in ("report.md", "report.html", "results.csv"):
+        assert (root / name).exists()
+    md = (root / "report.md").read_text()
+    assert "Quality on rt-snippets" in md and "| lora-r2 | lora |" in md
+
+    # a second compare trains nothing
+    calls: list = []
+    st.run_study(st.load_study(path), root, run_fn=fake_run_fn(calls), progress=lambda m: None)
+    assert calls == []
+
+    # merge: a plain transformers model with the same outputs as base + adapter
+    run_dir = root / "runs" / "lora-r2-seed0"
+    assert main(["merge", "--run", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    model, tok, _ = st.load_run_model(run_dir)
+    enc = tok(["a gripping, beautifully made film", "dull"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**enc).logits, model(**enc).logits, atol=1e-4,
+                                   rtol=1e-4)
+    assert main(["generate", "--run", str(run_dir), "--prompt", "dull"]) == 0
