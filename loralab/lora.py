@@ -124,7 +124,7 @@ class _LoRAMatmul(torch.autograd.Function):
         d_in = x.shape[-1]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, d_in).to(dtype)                      # (N, d_in)
-            w = weight.to(dtype)
+            w = _dense(weight).to(dtype)
             b = bias.to(dtype) if bias is not None else None
             if conv1d:                                              # Conv1D stores W^T: (d_in, d_out)
                 out = torch.addmm(b, x2, w) if b is not None else x2 @ w
@@ -165,7 +165,7 @@ class _LoRAMatmul(torch.autograd.Function):
             del xd, u
             d_x = d_w = d_bias = None
             if ctx.needs_input_grad[0]:
-                w = weight.to(dtype)
+                w = _dense(weight).to(dtype)
                 d_x = g @ w.T if conv1d else g @ w                  # (N, d_in): frozen path
                 if mask is None:
                     d_x.addmm_(g_b, a, alpha=scale)
@@ -179,6 +179,17 @@ class _LoRAMatmul(torch.autograd.Function):
                 d_bias = g.sum(0)
         return (d_x, d_w, d_bias, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype),
                 None, None, None, None, None)
+
+
+def _dense(weight: torch.Tensor) -> torch.Tensor:
+    """A quantized frozen weight (a torchao tensor subclass such as NF4Tensor or an int8 tensor:
+    a QLoRA base) dequantized for this one use, so only its packed form is kept between forward
+    and backward; a plain tensor is returned as it is."""
+    if type(weight) in (torch.Tensor, nn.Parameter) or not hasattr(weight, "__tensor_flatten__"):
+        return weight
+    if hasattr(weight, "get_original_weight"):  # torchao NF4Tensor
+        return weight.get_original_weight()
+    return weight.dequantize()
 
 
 def _add_low_rank(out: torch.Tensor, u: torch.Tensor, b: torch.Tensor,
@@ -258,7 +269,16 @@ class LoRALinear(nn.Module):
             return self.base(x)
         p = self.dropout if self.training else 0.0
         seed = draw_seed() if p > 0 else 0
-        return lora_matmul(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
+        weight = self.base.weight
+        # QAT (torchao FakeQuantizedLinear base): the frozen path and the adapter both see the
+        # fake-quantized input Q(x), as in the deployed quantized model; W becomes Q(W)
+        fq_x = getattr(self.base, "activation_fake_quantizer", None)
+        fq_w = getattr(self.base, "weight_fake_quantizer", None)
+        if fq_x is not None:
+            x = fq_x(x)
+        if fq_w is not None:
+            weight = fq_w(weight)
+        return lora_matmul(x, weight, self.base.bias, self.lora_A, self.lora_B,
                            self.scale, self.slices, p, seed, self.conv1d)
 
     def delta_weight(self) -> torch.Tensor:

@@ -31,25 +31,42 @@ from torch import nn
 # --- parameters and bytes ------------------------------------------------------------------
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights are counted once."""
-    trainable = total = 0
-    for p in model.parameters():  # parameters() de-duplicates shared (tied) tensors
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    return trainable, total
+    """(trainable, total) logical parameter counts; tied weights are counted once. Quantized
+    weights (torchao tensor subclasses, bitsandbytes packed 4-bit) count the parameters they
+    stand for, not their packed storage elements (loralab.quant.count_parameters)."""
+    from loralab.quant import count_parameters as _count
+
+    return _count(model)
 
 
 def parameter_bytes(params: list[nn.Parameter] | Iterator[nn.Parameter]) -> int:
     """Bytes held by the given parameters (each distinct storage once)."""
+    from loralab.quant import is_quantized_tensor, tensor_bytes
+
     seen: set[int] = set()
     n = 0
     for p in params:
-        if p.data_ptr() in seen:
+        key = id(p) if is_quantized_tensor(p) else p.data_ptr()
+        if key in seen:
             continue
-        seen.add(p.data_ptr())
-        n += p.numel() * p.element_size()
+        seen.add(key)
+        n += tensor_bytes(p)  # packed data + scales for quantized weights
     return n
+
+
+def storage_pointers(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> set[int]:
+    """Data pointers of the storages behind the tensors; a tensor subclass (a quantized weight)
+    contributes the storages of its inner tensors, since the wrapper itself has none."""
+    from loralab.quant import is_quantized_tensor
+
+    out: set[int] = set()
+    for t in tensors:
+        if is_quantized_tensor(t):
+            names, _ = t.__tensor_flatten__()
+            out |= storage_pointers([getattr(t, n) for n in names])
+        else:
+            out.add(t.untyped_storage().data_ptr())
+    return out
 
 
 def path_bytes(path: str | os.PathLike) -> int:
@@ -97,7 +114,7 @@ def flops_per_token(method: str, n_matmul: int, *, lora_params: int = 0,
     """
     if method == "full":
         return 6.0 * n_matmul
-    if method in ("lora", "qat-lora"):
+    if method in ("lora", "qat-lora", "qlora", "lora-ptq"):
         return 4.0 * n_matmul + 6.0 * lora_params
     if method == "head":
         return 2.0 * n_matmul + 4.0 * head_params
@@ -276,9 +293,16 @@ def static_tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | Non
     seen: set[int] = set()
     n = 0
 
+    from loralab.quant import is_quantized_tensor, tensor_bytes
+
     def add(t: torch.Tensor | None) -> None:
         nonlocal n
         if t is None or not isinstance(t, torch.Tensor) or t.numel() == 0:
+            return
+        if is_quantized_tensor(t):  # a wrapper without one storage: its inner tensors' bytes
+            if id(t) not in seen:
+                seen.add(id(t))
+                n += tensor_bytes(t)
             return
         st = t.untyped_storage()
         if st.data_ptr() in seen:

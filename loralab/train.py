@@ -7,7 +7,9 @@ Strategies (`TrainConfig.method`):
     head       only the task head trains; the frozen body runs under no_grad
     lora       LoRA adapters (+ the freshly initialised classifier for `classify`)
     lora-head  LoRA first, then adapters frozen and the head alone for the last `head_epochs`
-    qat-lora   reserved (its own issue)
+    qat-lora   LoRA on a fake-quantized body (QAT), then merged and really quantized (loralab.quant)
+    qlora      LoRA on a really quantized frozen base (int8 / int4 / nf4 weights; loralab.quant)
+    lora-ptq   LoRA in float, then merged and post-training quantized (loralab.quant)
 
 The loop: AdamW (fused where available) without weight decay on biases and norm layers, a
 warm-up + linear/cosine/constant schedule, gradient accumulation with the loss averaged over all
@@ -51,7 +53,8 @@ from loralab import checkpoint as ckpt
 from loralab import measure
 from loralab.errors import UserError
 
-METHODS = ("none", "full", "head", "lora", "lora-head", "qat-lora")
+METHODS = ("none", "full", "head", "lora", "lora-head", "qat-lora", "qlora", "lora-ptq")
+LORA_METHODS = ("lora", "lora-head", "qat-lora", "qlora", "lora-ptq")
 TASKS = ("lm", "classify", "generate")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
@@ -75,7 +78,7 @@ class TrainConfig:
     eval_data: tuple[str, ...] = ()
     """Extra evaluation sets (preset names or paths), evaluated on their test/validation split."""
     method: str = "lora"
-    """none | full | head | lora | lora-head | qat-lora."""
+    """none | full | head | lora | lora-head | qat-lora | qlora | lora-ptq."""
     preset: str = "qv"
     """LoRA target preset (qv, attn, attn-proj, attn-proj-ffn, all) or comma-separated names."""
     rank: int = 8
@@ -86,6 +89,9 @@ class TrainConfig:
     """Dropout on the LoRA branch input."""
     rslora: bool = False
     """Scale by alpha / sqrt(r) instead (rank-stabilised LoRA)."""
+    quant: str = "int8"
+    """qat-lora / qlora / lora-ptq: quantization scheme (int8, int8-dyn, int4, int4-weight, nf4,
+    int4-cuda); see loralab.quant.SCHEMES."""
     epochs: float = 1.0
     """Passes over the training split (ignored when max_steps is set)."""
     max_steps: int | None = None
@@ -336,9 +342,10 @@ def _lora_targets(preset: str) -> str | tuple[str, ...]:
 def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
     """Make exactly the strategy's parameters trainable (in place). Returns notes."""
     notes: list[str] = []
-    if config.method == "qat-lora":
-        raise UserError("method 'qat-lora' is not yet available (it has its own issue); use "
-                        "lora, lora-head, head or full")
+    if config.method in ("qat-lora", "qlora", "lora-ptq"):
+        from loralab.quant import prepare_method
+
+        notes += prepare_method(model, config.method, config.quant)
     if config.method in ("head", "lora-head") and config.task != "classify":
         if untie_head(model):
             notes.append("lm_head untied from the input embeddings so only the head trains")
@@ -349,7 +356,7 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
     elif config.method == "head":
         model.requires_grad_(False)
         task_head(model).requires_grad_(True)
-    elif config.method in ("lora", "lora-head"):
+    elif config.method in LORA_METHODS:
         from loralab.lora import LoRAConfig, apply_lora
 
         train_head = config.task == "classify"
@@ -655,6 +662,8 @@ class _State:
     best_step: int = -1
     tokens: int = 0
     train_seconds: float = 0.0
+    first_tokens: int = 0
+    first_seconds: float = 0.0
     eval_seconds: float = 0.0
     curves: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": [], "lr": []})
     peak_saved_bytes: int = 0
@@ -692,7 +701,7 @@ def _load_trained_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
 def _save_artifact(model: nn.Module, loaded: Any, config: TrainConfig, out: Path) -> dict:
     """Store what the run produced: the adapter (PEFT format), the head tensors, or the model."""
     artifacts = {"adapter": None, "model": None, "head": None}
-    if config.method in ("lora", "lora-head"):
+    if config.method in LORA_METHODS:
         save_adapter, _ = adapter_io()
         artifacts["adapter"] = str(save_adapter(model, out / "adapter"))
     elif config.method == "head":
@@ -876,8 +885,7 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
     sampler = measure.RSSSampler().start() if d.main else None
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
-    tracker = measure.SavedTensorTracker(skip={p.untyped_storage().data_ptr()
-                                               for p in model.parameters()})
+    tracker = measure.SavedTensorTracker(skip=measure.storage_pointers(model.parameters()))
     static_bytes = 0
 
     def run_eval(max_batches: int) -> dict | None:
@@ -979,6 +987,7 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
                 raise TrainingDiverged(
                     f"training stopped: the {what} became {value} at step {state.step + 1}; "
                     f"{kept}; lower --lr, keep --grad-clip or use --precision fp32")
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -988,7 +997,8 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
             state.step_in_epoch += 1
             state.tokens += step_tokens
             state.train_seconds += time.perf_counter() - t0
-            lr = scheduler.get_last_lr()[0]
+            if state.step == 1:
+                state.first_tokens, state.first_seconds = state.tokens, state.train_seconds
             tps = state.tokens / max(state.train_seconds, 1e-9)
             state.curves["train_loss"].append([state.step, step_loss])
             state.curves["lr"].append([state.step, lr])
@@ -1070,7 +1080,7 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
         "artifact_bytes": artifact_bytes,
         "train_seconds": state.train_seconds, "eval_seconds": state.eval_seconds,
         "data_seconds": data_seconds,
-        "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else 0.0,
+        "tokens_per_second": _throughput(state),
         "peak_memory_bytes": int(peak_memory),
         "peak_tensor_bytes": int(static_bytes + state.peak_saved_bytes),
         "train_flops": train_flops,
@@ -1082,6 +1092,25 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
         "memory": measure.memory_estimate(model, optimizer, state.peak_saved_bytes),
         "best_step": state.best_step,
     }
+    if d.main and config.method in ("qat-lora", "qlora", "lora-ptq"):
+        from loralab import quant
+
+        t0 = time.perf_counter()
+        val = splits.get(val_name) if val_name else None
+        batches = [collate([val[i] for i in range(s, min(len(val), s + config.batch_size))])
+                   for s in range(0, min(len(val), 4 * config.batch_size), config.batch_size)
+                   ] if val is not None else []
+        metrics, record["quant"] = quant.finish_run(
+            model, config.method, config.quant, metrics,
+            lambda m: {n: evaluate(m, ds, collate, config, d.device)
+                       for n, ds in splits.items() if n != "train"},
+            [_to(b, d.device) for b in batches], out)
+        q = record["quant"]
+        record["artifacts"]["quantized_model"] = q["quantized_model"]
+        record["costs"].update({"quantized_model_bytes": q["quantized_model_bytes"],
+                                "deploy_seconds": time.perf_counter() - t0})
+        if "latency" in q:
+            record["costs"]["latency_ms"] = q["latency"]["merged"]["median_ms"]
     record.update(status="finished", metrics=metrics, curves=state.curves, notes=notes)
     if d.main:
         final = {f"hparam/{split}_{k}": float(v) for split, m in metrics.items()
@@ -1090,6 +1119,15 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
         ckpt.atomic_write_json(record_path, record)
     _barrier(d)
     return record
+
+
+def _throughput(state: _State) -> float:
+    """Steady-state tokens/s: after the first optimizer step when there are several (the first
+    step pays one-off costs: lazy imports, kernel selection, allocator warm-up)."""
+    tokens, seconds = state.tokens, state.train_seconds
+    if state.step >= 2 and state.first_seconds:
+        tokens, seconds = tokens - state.first_tokens, seconds - state.first_seconds
+    return tokens / seconds if seconds > 0 else 0.0
 
 
 def _evaluate_extra(model: nn.Module, loaded: Any, name: str, config: TrainConfig,
