@@ -253,6 +253,45 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+SCORE_EPILOG = """inputs (detected by extension: .csv/.tsv are tables, anything else plain text):
+  REFS    CSV with columns mr,ref (several rows per MR), or text: one reference per line,
+          a blank line between sources (a file without blank lines = one reference each)
+  SYSTEM  CSV with columns mr,output (one row per MR; matched to REFS by MR), or text:
+          one output per line
+
+metrics:
+  BLEU, NIST        mteval-v13a (corpus level, multi-reference), BLEU as a fraction 0..1
+  METEOR            METEOR 1.5 jar, fraction 0..1                       (needs Java)
+  ROUGE_L, CIDEr    MS-COCO caption code on PTB-tokenised lower-cased text (needs Java)
+  sacreBLEU, chrF, TER   sacrebleu defaults, 0..100
+  rouge1, rouge2, rougeL rouge-score F-measure, best reference per output, 0..1
+  The first five are computed as the E2E NLG Challenge's official measure_scores.py does.
+
+examples:
+  loralab score testset_w_refs.csv outputs.csv
+  loralab score devel-conc.txt baseline-output.txt --json
+  loralab score refs.txt outputs.txt --no-java      # without Java: no METEOR/ROUGE_L/CIDEr
+"""
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from loralab.e2e_metrics import read_score_inputs, score_e2e
+
+    refs, hyps = read_score_inputs(args.refs, args.system)
+    scores = score_e2e(refs, hyps, java=not args.no_java)
+    if args.json:
+        print(json.dumps(scores))
+        return 0
+    n_refs = sum(len(r) for r in refs)
+    print(f"{len(hyps)} outputs, {n_refs} references ({n_refs / len(hyps):.1f} per source)")
+    print(f"{'metric':<10} {'score':>9}")
+    for key, value in scores.items():
+        print(f"{key:<10} {value:>9.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loralab",
@@ -262,6 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # --- subcommands are registered below, one block each ---
+    # [engineer C] score
+    p = sub.add_parser("score", help="score system outputs against references (E2E metrics)",
+                       description="Score any system's outputs against references with the E2E "
+                       "NLG Challenge metrics (BLEU, NIST, METEOR, ROUGE_L, CIDEr, computed as "
+                       "the official scorer does) plus sacreBLEU, chrF, TER and ROUGE-1/2/L.",
+                       epilog=SCORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("refs", metavar="REFS", help="references: CSV (mr,ref) or blank-line-grouped "
+                   "text")
+    p.add_argument("system", metavar="SYSTEM", help="system outputs: CSV (mr,output) or one per "
+                   "line")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--no-java", action="store_true",
+                   help="skip the Java metrics (METEOR, ROUGE_L, CIDEr)")
+    p.set_defaults(func=_cmd_score)
     p = sub.add_parser("targets", help="list the modules a LoRA preset adapts (no training)",
                        description="List the modules LoRA would adapt, their shapes and the "
                        "trainable parameter count r (d_in + d_out) per adapted matrix, "
