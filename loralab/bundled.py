@@ -179,11 +179,19 @@ def _dequantise(src: Path, gguf_file: str, final: Path) -> Path:
     """Load a GGUF as fp32, drop the quantizer bookkeeping, save model + tokenizer atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a one-off step; `loralab setup` prints a few lines only
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    # transformers' GGUF reader draws a plain tqdm bar; TQDM_DISABLE silences it for this
+    # one-off step (restored after) so `loralab setup` prints a few lines only.
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

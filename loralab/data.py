@@ -51,7 +51,7 @@ import torch
 from loralab import bundled
 from loralab.errors import UserError
 
-DATA_VERSION = 1  # bump when preparation changes; it is part of the cache key
+DATA_VERSION = 2  # bump when preparation changes; it is part of the cache key
 TASKS = ("lm", "classify", "generate")
 OFFLINE_PRESETS = ("wiki-leads", "wiki-lambada", "rt-snippets", "e2e")
 HUB_PRESETS = ("wikitext-2", "lambada", "imdb", "sst2", "e2e", "wellformed-query")
@@ -184,8 +184,18 @@ def _eos_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _encode(tokenizer: Any, texts: list[str], **kw: Any) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False, **kw)["input_ids"]
+def _encode(tokenizer: Any, texts: list[str], *, bos: bool = False) -> list[list[int]]:
+    """Token ids without special tokens; with `bos`, a BOS first if the tokenizer normally adds
+    one (Gemma: yes; GPT-2, SmolLM2: no), so text starts the way the model was trained."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if bos and _adds_bos(tokenizer):
+        ids = [[tokenizer.bos_token_id] + x for x in ids]
+    return ids
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    first = tokenizer("a")["input_ids"][:1]
+    return tokenizer.bos_token_id is not None and first == [tokenizer.bos_token_id]
 
 
 def _hub_offline() -> bool:
@@ -264,14 +274,13 @@ def last_word_passages(text: str, *, min_context_words: int = 30) -> list[tuple[
 
 
 def _raw_wiki_lambada() -> Raw:
-    """Train: wiki-leads train documents (LM). Validation/test: last-word passages cut from the
-    held-out wiki-leads validation/test articles, so an LM trained on wiki-leads never saw them."""
-    raw: Raw = {"train": {"text": []}, "validation": {"context": [], "target": []},
-                "test": {"context": [], "target": []}}
+    """Validation/test: last-word passages cut from the held-out wiki-leads validation/test
+    articles, so an LM trained on wiki-leads never saw them. (Its train split is wiki-leads'
+    train split, taken from that preset's cache by `load_task_data`.)"""
+    raw: Raw = {"validation": {"context": [], "target": []}, "test": {"context": [], "target": []}}
     for title, text in _wiki_leads_articles():
         split = _split_of(title)
         if split == "train":
-            raw["train"]["text"].append(text)
             continue
         for context, word in last_word_passages(text):
             raw[split]["context"].append(context)
@@ -458,10 +467,10 @@ def _number_labels(values: list[Any], where: Path, options: dict[str, Any]
 # ---------------------------------------------------------------- tokenisation
 
 def _pack(docs: list[str], tokenizer: Any, seq_len: int) -> dict[str, Any]:
-    """Documents -> one token stream (EOS after each) -> blocks of seq_len, tail dropped."""
+    """Documents -> one token stream ([BOS] doc EOS ...) -> blocks of seq_len, tail dropped."""
     eos = _eos_id(tokenizer)
     stream: list[int] = []
-    for ids in _encode(tokenizer, docs):
+    for ids in _encode(tokenizer, docs, bos=True):
         stream.extend(ids)
         stream.append(eos)
     n = len(stream) // seq_len
@@ -478,7 +487,7 @@ def _prompt_target(prompts: list[str], targets: list[str], tokenizer: Any, seq_l
     (generation), and the target is cut on the right. Returns the columns and rows dropped.
     """
     eos_id = _eos_id(tokenizer) if eos else None
-    p_ids = _encode(tokenizer, prompts)
+    p_ids = _encode(tokenizer, prompts, bos=True)
     t_ids = _encode(tokenizer, targets)
     out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
     dropped = 0
@@ -643,11 +652,15 @@ def load_task_data(name: str, task: str | None, tokenizer: Any, *, seq_len: int 
     else:
         raw, label_names = _raw(name, kind, task, options)
         raw = {k: v for k, v in raw.items() if k in wanted}
-        if not raw:
+        borrow_train = name == "wiki-lambada" and kind == "preset" and "train" in wanted
+        if not raw and not borrow_train:
             raise UserError(f"{name}: none of the splits {', '.join(wanted)} exist")
         num_labels = len(label_names) if (task == "classify" and label_names) else None
         _check_raw(name, raw, task, num_labels)
         splits, notes = {}, []
+        if borrow_train:  # LM text = wiki-leads train, tokenised once and shared via its cache
+            splits["train"] = load_task_data("wiki-leads", "lm", tokenizer, seq_len=seq_len,
+                                             splits="train").splits["train"]
         for split in SPLITS:
             if split not in raw:
                 continue

@@ -124,8 +124,10 @@ def test_folder_without_config_is_user_error(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_loads_real_weights_and_unties():
-    lm = load_model("smollm2-135m", "lm")
-    assert lm.source == "bundled" and is_head_tied(lm.model)
+    lm = load_model("smollm2-135m", "lm", train_head=True)
+    assert lm.source == "bundled" and not is_head_tied(lm.model)
+    assert "lm_head untied from the input embeddings (it will be trained)" in lm.notes
+    torch.testing.assert_close(lm.model.lm_head.weight, lm.model.model.embed_tokens.weight)
     n_params = sum(p.numel() for p in lm.model.parameters())
     assert n_params == 134_515_008
     text = ("The capital of France is Paris. It is known for the Eiffel Tower, museums such as "
@@ -136,9 +138,6 @@ def test_smollm2_loads_real_weights_and_unties():
         real = lm.model(input_ids=ids, labels=ids).loss
         scrambled = lm.model(input_ids=shuffled, labels=shuffled).loss
     assert real < scrambled - 1.0  # pretrained weights: real text is far more likely
-    untied = load_model("smollm2-135m", "lm", train_head=True)
-    assert not is_head_tied(untied.model)
-    assert "lm_head untied from the input embeddings (it will be trained)" in untied.notes
 
 
 @pytest.mark.slow
