@@ -1,0 +1,218 @@
+"""Language-modelling and classification metrics.
+
+Perplexity is exp of the mean negative log-likelihood per predicted token, where the mean is over
+all tokens of the evaluation set: batches are combined by summing NLL and token counts, never by
+averaging batch means (a batch of 3 tokens must not weigh as much as one of 300). Positions whose
+label is -100 (padding, prompts, masked tokens) are ignored.
+
+Generation metrics (BLEU, NIST, METEOR, ROUGE, CIDEr, chrF, TER) are in `loralab.e2e_metrics`;
+decoding is in `loralab.decode`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+# --------------------------------------------------------------------------- language modelling
+
+
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True,
+                  ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, int]:
+    """(sum of token negative log-likelihoods in nats, number of tokens counted).
+
+    For causal LMs (`shift=True`) the logits at position t predict the label at t+1, as in
+    transformers' loss. Labels equal to `ignore_index` are skipped. The sum is in float64 so
+    that long evaluations do not lose precision.
+    """
+    if shift:
+        logits = logits[..., :-1, :]
+        labels = labels[..., 1:]
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    nll = F.cross_entropy(logits.double(), labels, ignore_index=ignore_index, reduction="sum")
+    return nll, int((labels != ignore_index).sum())
+
+
+def perplexity(total_nll: float, n_tokens: int) -> float:
+    """exp(total NLL / tokens): the perplexity of a whole evaluation set from summed statistics."""
+    if n_tokens <= 0:
+        raise ValueError("perplexity needs at least one predicted token")
+    return math.exp(float(total_nll) / n_tokens)
+
+
+def bits_per_byte(total_nll: float, n_bytes: int) -> float:
+    """Total NLL in bits divided by the UTF-8 bytes of the text: comparable across tokenizers
+    (a model with a coarser tokenizer predicts fewer, harder tokens; per-byte cost is fair)."""
+    if n_bytes <= 0:
+        raise ValueError("bits per byte needs a text of at least one byte")
+    return float(total_nll) / (n_bytes * math.log(2))
+
+
+def word_perplexity(total_nll: float, n_words: int) -> float:
+    """exp(total NLL / words): perplexity per whitespace word, comparable across tokenizers
+    (this is how WikiText results of models with different vocabularies are compared)."""
+    if n_words <= 0:
+        raise ValueError("word perplexity needs at least one word")
+    return math.exp(float(total_nll) / n_words)
+
+
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]
+                ) -> dict[str, float]:
+    """Token-weighted NLL and perplexity of a causal LM over batches of
+    {input_ids, attention_mask, labels} (labels -100 where there is no loss)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch.get("attention_mask")).logits
+        nll, n = token_nll_sum(logits, batch["labels"])
+        total += float(nll)
+        count += n
+    return {"nll": total, "tokens": count, "loss": total / max(count, 1),
+            "perplexity": perplexity(total, count)}
+
+
+@torch.no_grad()
+def strided_perplexity(model: torch.nn.Module, input_ids: torch.Tensor, *, max_length: int,
+                       stride: int) -> dict[str, float]:
+    """Perplexity of one long token sequence by a sliding window (transformers' perplexity guide).
+
+    Windows of up to `max_length` tokens start every `stride` tokens; in each, only the tokens
+    not scored by an earlier window are scored, so every token after the first is predicted
+    exactly once, each with up to max_length - stride tokens of context. stride == max_length
+    gives disjoint chunks (fast, less context); a smaller stride approaches true per-token
+    context. The NLL is summed and divided by the number of tokens scored.
+    """
+    if not 0 < stride <= max_length:
+        raise ValueError(f"need 0 < stride <= max_length, got stride {stride}, "
+                         f"max_length {max_length}")
+    ids = input_ids.reshape(1, -1)
+    seq_len = ids.shape[1]
+    total, count, prev_end = 0.0, 0, 0
+    for begin in range(0, seq_len, stride):
+        end = min(begin + max_length, seq_len)
+        new = end - prev_end  # tokens not yet scored
+        window = ids[:, begin:end]
+        labels = window.clone()
+        labels[:, :-new] = IGNORE_INDEX
+        logits = model(input_ids=window).logits
+        nll, n = token_nll_sum(logits, labels)
+        total += float(nll)
+        count += n
+        prev_end = end
+        if end == seq_len:
+            break
+    return {"nll": total, "tokens": count, "perplexity": perplexity(total, count)}
+
+
+@torch.no_grad()
+def lambada_scores(model: torch.nn.Module, tokenizer, texts: Sequence[str], *,
+                   batch_size: int = 8) -> dict[str, float]:
+    """LAMBADA-style last-word prediction: accuracy and perplexity of the final word.
+
+    Each text is split at its last space into context and target word (" word"); the target's
+    tokens are scored after the context. Accuracy: every target token is the model's argmax
+    (greedy decoding would produce the whole word), as in EleutherAI's lm-evaluation-harness.
+    Perplexity: exp(mean over texts of the word's total NLL), the harness's LAMBADA perplexity;
+    `token_perplexity` is exp(NLL per target token).
+    """
+    pairs = []
+    for text in texts:
+        context, _, word = text.rstrip().rpartition(" ")
+        if not context or not word:
+            raise ValueError(f"LAMBADA text needs a context and a last word: {text[:60]!r}")
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        tgt = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        pairs.append((ctx, tgt))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    correct, word_nll, token_count = 0, 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        width = max(len(c) + len(t) for c, t in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (c, t) in enumerate(chunk):  # right padding: positions are unaffected
+            seq = c + t
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()
+        logp = torch.log_softmax(logits, dim=-1)
+        for row, (c, t) in enumerate(chunk):
+            pos = torch.arange(len(c) - 1, len(c) + len(t) - 1)
+            target = torch.tensor(t)
+            word_nll += -float(logp[row, pos, target].sum())
+            correct += int(bool((logits[row, pos].argmax(-1) == target).all()))
+            token_count += len(t)
+    n = len(pairs)
+    return {"accuracy": correct / n, "perplexity": math.exp(word_nll / n),
+            "token_perplexity": math.exp(word_nll / token_count), "n": n}
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int],
+                     labels: Sequence[int] | None = None) -> list[list[int]]:
+    """counts[i][j] = examples of true class labels[i] predicted as labels[j] (scikit-learn's
+    orientation); labels default to the sorted union of both sequences."""
+    labels = sorted(set(y_true) | set(y_pred)) if labels is None else list(labels)
+    index = {label: i for i, label in enumerate(labels)}
+    counts = [[0] * len(labels) for _ in labels]
+    for t, p in zip(y_true, y_pred):
+        if t in index and p in index:
+            counts[index[t]][index[p]] += 1
+    return counts
+
+
+def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    """Precision, recall, F1 with 0 where undefined (scikit-learn's zero_division=0)."""
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return precision, recall, f1
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], *,
+                           labels: Sequence[int] | None = None, positive: int = 1
+                           ) -> dict[str, float | list[list[int]]]:
+    """Accuracy, precision/recall/F1 (binary and macro) and the confusion matrix.
+
+    `precision`, `recall`, `f1` are for class `positive` when there are at most two classes
+    (scikit-learn average="binary"), else the macro averages. `*_macro` are unweighted means
+    over `labels` (default: classes seen in either sequence). Undefined ratios count as 0, as
+    scikit-learn's zero_division=0. Equal to scikit-learn (tested).
+    """
+    y_true, y_pred = list(y_true), list(y_pred)
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")
+    if not y_true:
+        raise ValueError("classification metrics need at least one example")
+    labels = sorted(set(y_true) | set(y_pred)) if labels is None else list(labels)
+    matrix = confusion_matrix(y_true, y_pred, labels)
+    per_class = []
+    for i in range(len(labels)):
+        tp = matrix[i][i]
+        fp = sum(matrix[r][i] for r in range(len(labels))) - tp
+        fn = sum(matrix[i]) - tp
+        per_class.append(_prf(tp, fp, fn))
+    k = len(labels)
+    macro = [sum(c[m] for c in per_class) / k for m in range(3)]
+    result: dict[str, float | list[list[int]]] = {
+        "accuracy": sum(t == p for t, p in zip(y_true, y_pred)) / len(y_true),
+        "precision_macro": macro[0], "recall_macro": macro[1], "f1_macro": macro[2],
+    }
+    if k <= 2:
+        tp = sum(t == positive and p == positive for t, p in zip(y_true, y_pred))
+        fp = sum(t != positive and p == positive for t, p in zip(y_true, y_pred))
+        fn = sum(t == positive and p != positive for t, p in zip(y_true, y_pred))
+        binary = _prf(tp, fp, fn)
+    else:
+        binary = tuple(macro)
+    result.update(precision=binary[0], recall=binary[1], f1=binary[2], confusion_matrix=matrix)
+    return result
