@@ -1,0 +1,240 @@
+"""E2E metrics against the official scorer's published figures, real peers and hand cases."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+
+import pytest
+
+from loralab import e2e_metrics as em
+from loralab.cli import main
+from loralab.errors import UserError
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java not installed")
+
+
+def _dev_groups(e2e_dir, n: int, start: int = 0) -> tuple[list[list[str]], list[str]]:
+    """n dev MRs: first reference as the 'system', the others as references."""
+    groups: dict[str, list[str]] = {}
+    with (e2e_dir / "devset.csv").open(encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            groups.setdefault(row["mr"], []).append(row["ref"])
+    items = [g for g in groups.values() if len(g) >= 2][start:start + n]
+    return [g[1:] for g in items], [g[0] for g in items]
+
+
+# --------------------------------------------------------------------------- official figures
+
+@needs_java
+def test_official_example_scores(e2e_dir, capsys):
+    ex = e2e_dir / "example"
+    expected = json.loads((ex / "expected.json").read_text())
+    assert main(["score", str(ex / "devel-conc.txt"), str(ex / "baseline-output.txt"),
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    tolerance = {"BLEU": 0.005, "NIST": 0.05, "METEOR": 0.01, "ROUGE_L": 0.005, "CIDEr": 0.03}
+    for key, tol in tolerance.items():
+        assert abs(got[key] - expected[key]) <= tol, (key, got[key], expected[key])
+    for key in ("chrF", "TER", "sacreBLEU"):
+        assert key in got
+
+
+# --------------------------------------------------------------------------- mteval BLEU/NIST
+
+def test_mteval_tokenization_by_hand():
+    tok = em.mteval_tokenize
+    assert tok("The Vaults, a pub (£20-25).") == ["the", "vaults", ",", "a", "pub", "(", "£20",
+                                                  "-", "25", ")", "."]
+    assert tok("It's 3.5 or 1,000 &amp; x-ray") == ["it's", "3.5", "or", "1,000", "&", "x-ray"]
+    assert tok("ÉCOLE Near") == ["École", "near"]  # only ASCII letters are lower-cased
+
+
+def test_bleu_equals_sacrebleu_on_mteval_tokens(e2e_dir):
+    """Without zero n-gram matches mteval BLEU = plain corpus BLEU with the closest reference
+    length (ties to the shorter), which is sacrebleu's BLEU on the same tokens."""
+    import sacrebleu
+
+    refs, hyps = _dev_groups(e2e_dir, 300)
+    ours = em.mteval_bleu_nist(refs, hyps)["BLEU"]
+    join = lambda s: " ".join(em.mteval_tokenize(s))  # noqa: E731
+    width = max(len(r) for r in refs)
+    streams = [[join(r[i]) if i < len(r) else None for r in refs] for i in range(width)]
+    peer = sacrebleu.corpus_bleu([join(h) for h in hyps], streams, tokenize="none",
+                                 smooth_method="none", force=True).score / 100
+    assert ours == pytest.approx(peer, abs=1e-9)
+
+
+def test_nist_by_hand():
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    # identical single sentence "a b": unigram info -log2(1/2) = 1 each, bigram info 0
+    assert em.mteval_bleu_nist([["a b"]], ["a b"])["NIST"] == pytest.approx(1.0)
+    # hypothesis "a" vs "a b": info 1 over 1 word, length ratio 1/2
+    got = em.mteval_bleu_nist([["a b"]], ["a"])["NIST"]
+    assert got == pytest.approx(math.exp(-beta * math.log(0.5) ** 2))
+    # two sources with 1 and 2 references: the average reference length divides by the padded
+    # reference count 2 (mteval pads), so 3 hyp words vs 6 ref words / 2 = no penalty
+    refs = [["x y"], ["x z", "x z"]]
+    counts = {"x": 3, "y": 1, "z": 2}
+    total = 6
+    info = {w: -math.log2(c / total) for w, c in counts.items()}
+    # bigram infos: "x y": count 1 / count(x) 3; "x z": 2 / 3
+    hyp_info_1 = info["x"] + info["y"] + info["x"]
+    got = em.mteval_bleu_nist(refs, ["x y", "x"])["NIST"]
+    expected = hyp_info_1 / 3 + (-math.log2(1 / 3)) / 1
+    assert got == pytest.approx(expected)
+
+
+def test_bleu_smoothing_and_brevity_by_hand():
+    # hyp "a b c" vs ref "a b d e": p1 = 2/3, p2 = 1/2, p3 = 0 -> 1/(2*1), p4 = 0 -> 1/(4*0)...
+    # no 4-grams in a 3-word hypothesis: mteval leaves that term at log 1 = 0
+    got = em.mteval_bleu_nist([["a b d e"]], ["a b c"])["BLEU"]
+    expected = math.exp((math.log(2 / 3) + math.log(1 / 2) + math.log(1 / 2)) / 4)
+    expected *= math.exp(1 - 4 / 3)
+    assert got == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- COCO scorers
+
+def _tokenized(e2e_dir, n):
+    refs, hyps = _dev_groups(e2e_dir, n)
+    simple = lambda s: " ".join(em.mteval_tokenize(s))  # noqa: E731  any fixed tokenisation
+    return [[simple(r) for r in rs] for rs in refs], [simple(h) for h in hyps]
+
+
+def test_rouge_l_and_cider_equal_pycocoevalcap(e2e_dir):
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    refs, hyps = _tokenized(e2e_dir, 547)
+    gts = {i: rs for i, rs in enumerate(refs)}
+    res = {i: [h] for i, h in enumerate(hyps)}
+    peer_rouge, peer_rouge_seg = Rouge().compute_score(gts, res)
+    ours_rouge, ours_rouge_seg = em.coco_rouge_l(refs, hyps)
+    assert ours_rouge == pytest.approx(peer_rouge, abs=1e-12)
+    assert ours_rouge_seg == pytest.approx(list(peer_rouge_seg), abs=1e-12)
+    peer_cider, peer_cider_seg = Cider().compute_score(gts, res)
+    ours_cider, ours_cider_seg = em.coco_cider(refs, hyps)
+    assert ours_cider == pytest.approx(peer_cider, rel=1e-9)
+    assert ours_cider_seg == pytest.approx(list(peer_cider_seg), rel=1e-9)
+
+
+@needs_java
+def test_ptb_tokenizer_and_meteor_equal_pycocoevalcap(e2e_dir):
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    refs, hyps = _dev_groups(e2e_dir, 40, start=100)
+    hyps[0] = "Café (The Eagle) costs £20-25, doesn't it?"
+    peer = PTBTokenizer().tokenize({i: [{"caption": h}] for i, h in enumerate(hyps)})
+    ours = em.ptb_tokenize(hyps)
+    assert ours == [peer[i][0] for i in range(len(hyps))]
+    tok_refs = [em.ptb_tokenize(rs) for rs in refs]
+    peer_score, peer_seg = Meteor().compute_score({i: r for i, r in enumerate(tok_refs)},
+                                                  {i: [h] for i, h in enumerate(ours)})
+    score, seg = em.meteor_score(tok_refs, ours)
+    assert score == pytest.approx(peer_score, abs=1e-9)
+    assert seg == pytest.approx(peer_seg, abs=1e-9)
+
+
+def test_missing_java_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(em.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="Java not found"):
+        em.score_e2e([["a b c"]], ["a b c"])
+    scores = em.score_e2e([["a b c"]], ["a b c"], java=False)  # the rest still works
+    assert "METEOR" not in scores and scores["BLEU"] > 0
+
+
+# --------------------------------------------------------------------------- TER and the rest
+
+def test_ter_equals_sacrebleu(e2e_dir):
+    import sacrebleu
+
+    refs, hyps = _dev_groups(e2e_dir, 40, start=200)
+    hyps[1] = hyps[1] + " " + hyps[1]  # long hypotheses exercise the shift search
+    hyps[2] = ""
+    width = max(len(r) for r in refs)
+    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(width)]
+    peer = sacrebleu.corpus_ter(hyps, streams).score
+    assert em.ter_score(refs, hyps, workers=1) == pytest.approx(peer, abs=1e-9)
+    stats = em._ter_segment_stats([(h.lower().split(), [r.lower().split() for r in rs])
+                                   for h, rs in zip(hyps, refs)])
+    for (edits, length), h, rs in zip(stats, hyps, refs):
+        one = sacrebleu.metrics.TER()._compute_segment_statistics(
+            h.lower(), {"ref_words": [r.lower().split() for r in rs]})
+        assert [edits, length] == pytest.approx(one)
+
+
+def test_rouge_score_is_best_reference_mean():
+    from rouge_score import rouge_scorer
+
+    refs = [["the cat sat", "a dog ran far"], ["hello world"]]
+    hyps = ["a cat ran", "hello there world"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    got = em.rouge_score_f(refs, hyps)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        best = [max(scorer.score(r, h)[key].fmeasure for r in rs) for rs, h in zip(refs, hyps)]
+        assert got[key] == pytest.approx(sum(best) / 2)
+
+
+# --------------------------------------------------------------------------- inputs and CLI
+
+def _write_csv(path, header, rows):
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def test_read_inputs_csv_text_and_errors(tmp_path):
+    refs_csv = tmp_path / "refs.csv"
+    _write_csv(refs_csv, ["mr", "ref"], [["m1", "r1a"], ["m1", "r1b"], ["m2", "r2a"],
+                                         ["m1", "r1c"]])
+    sys_csv = tmp_path / "sys.csv"
+    _write_csv(sys_csv, ["mr", "output"], [["m2", "o2"], ["m1", "o1"]])
+    refs, hyps = em.read_score_inputs(refs_csv, sys_csv)
+    assert hyps == ["o2", "o1"] and refs == [["r2a"], ["r1a", "r1b", "r1c"]]  # matched by MR
+    sys_txt = tmp_path / "sys.txt"
+    sys_txt.write_text("o1\no2\no3\n")
+    refs, hyps = em.read_score_inputs(refs_csv, sys_txt)  # consecutive MR groups, file order
+    assert refs == [["r1a", "r1b"], ["r2a"], ["r1c"]] and hyps == ["o1", "o2", "o3"]
+    refs_txt = tmp_path / "refs.txt"
+    refs_txt.write_text("a\nb\n\n\nc\n\nd\ne\n")
+    assert em.read_score_inputs(refs_txt, sys_txt)[0] == [["a", "b"], ["c"], ["d", "e"]]
+    single = tmp_path / "single.txt"
+    single.write_text("x\ny\nz\n")
+    assert em.read_score_inputs(single, sys_txt)[0] == [["x"], ["y"], ["z"]]
+
+    bad_cols = tmp_path / "bad.csv"
+    _write_csv(bad_cols, ["meaning", "text"], [["m1", "o"]])
+    with pytest.raises(UserError, match="column"):
+        em.read_score_inputs(refs_csv, bad_cols)
+    two = tmp_path / "two.txt"
+    two.write_text("o1\no2\n")
+    with pytest.raises(UserError, match="counts must match"):
+        em.read_score_inputs(refs_txt, two)
+    unknown = tmp_path / "unknown.csv"
+    _write_csv(unknown, ["mr", "output"], [["m9", "o"]])
+    with pytest.raises(UserError, match="no reference"):
+        em.read_score_inputs(refs_csv, unknown)
+    with pytest.raises(UserError, match="not found"):
+        em.read_score_inputs(tmp_path / "nope.csv", sys_csv)
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    sys_txt = tmp_path / "sys.txt"
+    sys_txt.write_text("o1\n")
+    assert main(["score", str(tmp_path / "missing.txt"), str(sys_txt)]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_table_without_java(tmp_path, capsys):
+    refs = tmp_path / "refs.txt"
+    refs.write_text("the pub is cheap\na cheap pub\n\nthe cafe is near\n")
+    sys_txt = tmp_path / "sys.txt"
+    sys_txt.write_text("the pub is cheap\nthe cafe is far\n")
+    assert main(["score", str(refs), str(sys_txt), "--no-java"]) == 0
+    out = capsys.readouterr().out
+    assert "BLEU" in out and "TER" in out and "METEOR" not in out
