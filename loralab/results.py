@@ -123,7 +123,8 @@ class ResultsDB:
                 "run_dir=excluded.run_dir, started_at=excluded.started_at, error=NULL, "
                 "traceback=NULL, updated_at=excluded.updated_at",
                 (spec.run_id, study, spec.strategy, spec.seed, "running", spec.config_hash,
-                 json.dumps(spec.config, default=str), str(spec.run_dir), now, now, now))
+                 json.dumps({"study": spec.config, "train": None}, default=str),
+                 str(spec.run_dir), now, now, now))
 
     def record_run(self, spec, record: dict[str, Any], *, status: str = "finished",
                    study: str | None = None) -> None:

@@ -524,7 +524,8 @@ def _stored_hash(run_dir: Path) -> str | None:
 def plan(study: Study, out_dir: Path, db) -> Iterator[tuple[RunSpec, str]]:
     """Yield (spec, action): action is 'skip' (finished, same config), 'ingest' (record.json
     says finished but the process died before the database heard of it), 'resume' (checkpoints
-    of the same config exist) or 'train'."""
+    of the same config exist, or a finished record lacks the study's own evaluation) or
+    'train'."""
     for spec in run_matrix(study, out_dir):
         row = db.get(spec.run_id)
         if row and row["status"] == "finished" and row.get("config_hash") == spec.config_hash:
@@ -532,12 +533,26 @@ def plan(study: Study, out_dir: Path, db) -> Iterator[tuple[RunSpec, str]]:
             continue
         same = _stored_hash(spec.run_dir) == spec.config_hash
         record = _read_record(spec.run_dir)
-        if same and record and record.get("status") == "finished":
+        finished = same and record is not None and record.get("status") == "finished"
+        if finished and _record_complete(record, spec.config):
             yield spec, "ingest"
-        elif same and _has_checkpoints(spec.run_dir):
+        elif finished or (same and _has_checkpoints(spec.run_dir)):
+            # trained, but killed before the study's own evaluation (generation) was added:
+            # train(resume=True) returns the finished record and the evaluation runs again
             yield spec, "resume"
         else:
             yield spec, "train"
+
+
+def _record_complete(record: dict[str, Any], config: dict[str, Any]) -> bool:
+    """Does a finished record hold every eval set (and its generation scores, if asked)?"""
+    metrics = record.get("metrics") or {}
+    for ev in config.get("eval_sets", []):
+        if ev["name"] not in metrics:
+            return False
+        if ev.get("generate") is not None and "generated" not in metrics[ev["name"]]:
+            return False
+    return True
 
 
 def _prepare_run_dir(spec: RunSpec) -> None:
@@ -745,9 +760,12 @@ def run_study(study: Study, out_dir: str | os.PathLike, *, run_fn: RunFn | None 
             t0 = time.perf_counter()
             try:
                 record = run_fn(spec.config, action == "resume")
-            except UserError:
-                db.set_status(spec.run_id, "failed", error="bad configuration")
-                raise
+            except UserError as exc:
+                db.set_status(spec.run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+                if type(exc).__name__ != "TrainingDiverged":  # a NaN is this run's problem
+                    raise
+                progress(f"{head}: FAILED: {exc}")
+                continue
             except KeyboardInterrupt:
                 db.set_status(spec.run_id, "interrupted")
                 raise

@@ -163,7 +163,7 @@ def test_failed_runs_are_listed_not_aggregated(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| full | 1 | failed | RuntimeError: out of memory |" in md
     wl = md.split("### Quality on wiki-leads")[1].split("###")[0]
-    assert "| full | 1 | 20 |" in wl  # one finished seed: no ± and n = 1
+    assert "| full | 1 | **3** | 20 |" in wl  # one finished seed: no ± and n = 1
     text = report.terminal_report(report.load(tmp_path)[0])
     assert "Unfinished runs" in text and "out of memory" in text
 

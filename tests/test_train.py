@@ -128,11 +128,6 @@ def test_config_rejects_bad_values(bad):
         TrainConfig(**bad)
 
 
-def test_qat_lora_hook_is_a_clear_user_error(tmp_path):
-    with pytest.raises(UserError, match="qat-lora.*not yet available"):
-        run(tmp_path, method="qat-lora")
-
-
 # --- pieces of the loop ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
