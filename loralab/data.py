@@ -199,9 +199,7 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 
 def _hub_offline() -> bool:
-    from loralab.models import hub_offline
-
-    return hub_offline()
+    return bundled.hub_offline()
 
 
 def _load_hub(name: str, **kw: Any) -> Any:
@@ -570,6 +568,10 @@ def _resolve_source(name: str, task: str | None, options: dict[str, Any]
                 kind = "hub"
         elif name in HUB_PRESETS:
             kind = "hub"
+        if kind == "hub" and _hub_offline():  # fail before any tokenizer or model is loaded
+            raise UserError(f"dataset {name!r} comes from the Hugging Face hub "
+                            f"({HUB_IDS[name][0]}), which is unreachable (offline); use an "
+                            f"offline preset ({', '.join(OFFLINE_PRESETS)}) or a local file")
     else:
         raise UserError(f"unknown dataset {name!r}; use a preset ({', '.join(PRESETS)}), an E2E "
                         f"CSV folder, or a file ({', '.join(FILE_SUFFIXES)})")

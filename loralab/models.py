@@ -19,17 +19,15 @@ hub client's ~25 s of retries.
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from loralab import bundled
+from loralab.bundled import hub_offline
 from loralab.errors import UserError
 
 Task = Literal["lm", "classify", "generate"]
@@ -63,31 +61,6 @@ def _bundled_dir(name: str) -> Path:
     if name == "gpt2":
         return bundled.gpt2_tokenizer_dir()
     raise KeyError(name)
-
-
-def hub_offline() -> bool:
-    """True when the Hugging Face hub cannot be used: offline mode set, or its host unreachable.
-
-    One DNS lookup + TCP connect with a 3 s timeout, so an unreachable hub costs seconds, not
-    the hub client's exponential-backoff retries.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return True
-    try:
-        from huggingface_hub import constants
-
-        if getattr(constants, "HF_HUB_OFFLINE", False):
-            return True
-        endpoint = getattr(constants, "ENDPOINT", "https://huggingface.co")
-    except ImportError:
-        endpoint = "https://huggingface.co"
-    url = urlparse(endpoint)
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443),
-                                      timeout=3):
-            return False
-    except OSError:
-        return True
 
 
 def _offline_error(name: str, what: str = "model") -> UserError:
