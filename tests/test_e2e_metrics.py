@@ -121,6 +121,7 @@ def test_rouge_l_and_cider_equal_pycocoevalcap(e2e_dir):
     assert ours_cider_seg == pytest.approx(list(peer_cider_seg), rel=1e-9)
 
 
+@pytest.mark.slow
 @needs_java
 def test_ptb_tokenizer_and_meteor_equal_pycocoevalcap(e2e_dir):
     from pycocoevalcap.meteor.meteor import Meteor
@@ -131,7 +132,11 @@ def test_ptb_tokenizer_and_meteor_equal_pycocoevalcap(e2e_dir):
     peer = PTBTokenizer().tokenize({i: [{"caption": h}] for i, h in enumerate(hyps)})
     ours = em.ptb_tokenize(hyps)
     assert ours == [peer[i][0] for i in range(len(hyps))]
-    tok_refs = [em.ptb_tokenize(rs) for rs in refs]
+    flat = em.ptb_tokenize([r for rs in refs for r in rs])
+    tok_refs, pos = [], 0
+    for rs in refs:
+        tok_refs.append(flat[pos:pos + len(rs)])
+        pos += len(rs)
     peer_score, peer_seg = Meteor().compute_score({i: r for i, r in enumerate(tok_refs)},
                                                   {i: [h] for i, h in enumerate(ours)})
     score, seg = em.meteor_score(tok_refs, ours)
@@ -152,19 +157,13 @@ def test_missing_java_is_a_user_error(monkeypatch):
 def test_ter_equals_sacrebleu(e2e_dir):
     import sacrebleu
 
-    refs, hyps = _dev_groups(e2e_dir, 40, start=200)
+    refs, hyps = _dev_groups(e2e_dir, 30, start=200)
     hyps[1] = hyps[1] + " " + hyps[1]  # long hypotheses exercise the shift search
     hyps[2] = ""
     width = max(len(r) for r in refs)
     streams = [[r[i] if i < len(r) else None for r in refs] for i in range(width)]
     peer = sacrebleu.corpus_ter(hyps, streams).score
     assert em.ter_score(refs, hyps, workers=1) == pytest.approx(peer, abs=1e-9)
-    stats = em._ter_segment_stats([(h.lower().split(), [r.lower().split() for r in rs])
-                                   for h, rs in zip(hyps, refs)])
-    for (edits, length), h, rs in zip(stats, hyps, refs):
-        one = sacrebleu.metrics.TER()._compute_segment_statistics(
-            h.lower(), {"ref_words": [r.lower().split() for r in rs]})
-        assert [edits, length] == pytest.approx(one)
 
 
 def test_rouge_score_is_best_reference_mean():
