@@ -423,7 +423,8 @@ def _raw_file(path: Path, task: str, options: dict[str, Any]) -> tuple[Raw, tupl
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{path} does not parse as {builder} ({type(exc).__name__}: {first})"
                         ) from None
-    cols = {"text": options.get("text_column", "text"), "label": options.get("label_column", "label"),
+    cols = {"text": options.get("text_column", "text"),
+            "label": options.get("label_column", "label"),
             "source": options.get("source_column", "source"),
             "target": options.get("target_column", "target")}
     need = {"lm": ("text",), "classify": ("text", "label"), "generate": ("source", "target")}[task]
@@ -670,7 +671,8 @@ def load_task_data(name: str, task: str | None, tokenizer: Any, *, seq_len: int 
             notes += split_notes
             if len(cols["input_ids"]) == 0:
                 raise UserError(f"{name}: split {split!r} has no examples after tokenising "
-                                f"(fewer than seq_len={seq_len} tokens?); lower seq_len or add data")
+                                f"(fewer than seq_len={seq_len} tokens?); lower seq_len or "
+                                "add data")
             splits[split] = datasets.Dataset.from_dict(cols)
         refs = {}
         if task == "generate":
