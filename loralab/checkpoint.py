@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import random
 import signal
 import tempfile
@@ -78,7 +79,7 @@ def load(path: str | os.PathLike) -> dict:
     """Load a checkpoint written by `atomic_torch_save` (CPU tensors)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise UserError(f"cannot read checkpoint {path}: {exc}; delete it to start over") from exc
 
 

@@ -292,6 +292,93 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_EPILOG = """examples:
+  loralab train --model minilm-l6 --task classify --data rt-snippets --method lora \\
+      --preset qv --rank 8 --alpha 16 --epochs 1 --batch-size 16 --lr 5e-4 --out runs/lora
+  loralab train --model smollm2-135m --task lm --data wiki-leads --method full \\
+      --max-steps 200 --batch-size 8 --grad-accum 4 --precision bf16 --out runs/full
+  loralab train --config my-run.yaml --lr 1e-4        # YAML keys = TrainConfig fields
+  loralab train --out runs/lora --resume --config my-run.yaml   # continue a killed run
+  torchrun --nproc-per-node 2 -m loralab train ...   # DDP (gloo on CPU, NCCL on GPU)
+
+methods: none (evaluate only), full, head (frozen body under no_grad), lora, lora-head
+(LoRA, then head only for --head-epochs), qat-lora / qlora / lora-ptq (see loralab.quant).
+The run directory gets record.json (config, metrics, costs, curves), tb/ (TensorBoard),
+checkpoints/ (resume), and adapter/ (PEFT format), head/ or model/.
+"""
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    from loralab.train import config_fields
+
+    return {name: getattr(args, name) for name in config_fields()
+            if getattr(args, name, None) is not None}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from loralab.train import config_from_yaml, train
+
+    overrides = _train_overrides(args)
+    previous = Path(args.out or "", "record.json")
+    if args.resume and args.config is None and args.out and previous.exists():
+        import json
+
+        from loralab.train import make_config
+
+        # resume with the run's own config (command-line options still override it)
+        saved = json.loads(previous.read_text()).get("config") or {}
+        config = make_config(saved, **overrides)
+    else:
+        config = config_from_yaml(args.config, **overrides)
+    record = train(config, resume=args.resume)
+    if record.get("status") != "finished":
+        return 1
+    costs = record["costs"]
+    print(f"run {record['run_id']}: {config.method} on {config.model}, "
+          f"{costs['trainable_params']:,} of {costs['total_params']:,} parameters trained "
+          f"({costs['trainable_pct']:.3g}%)")
+    for split, metrics in record["metrics"].items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                          if isinstance(v, float))
+        print(f"  {split}: {shown}")
+    print(f"  train {costs.get('train_seconds', 0):.1f} s, "
+          f"{costs.get('tokens_per_second', 0):.0f} tokens/s, "
+          f"peak memory +{costs.get('peak_memory_bytes', 0) / 2**20:.0f} MiB, "
+          f"artifact {costs.get('artifact_bytes', 0) / 2**20:.2f} MiB, "
+          f"MFU {100 * costs.get('mfu', 0):.2f}%")
+    print(f"record: {config.out}/record.json   tensorboard --logdir {config.out}/tb")
+    return 0
+
+
+EVAL_EPILOG = """examples:
+  loralab eval runs/lora                        # a finished run, on its own dataset
+  loralab eval runs/lora --data wiki-lambada --split test
+  loralab eval --model minilm-l6 --task classify --data rt-snippets --adapter runs/lora/adapter
+  loralab eval --model smollm2-135m --task lm --data wiki-leads --json
+"""
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from loralab.train import evaluate_saved
+
+    results = evaluate_saved(run_dir=args.run, model=args.model, adapter=args.adapter,
+                             data=args.data, task=args.task, splits=tuple(args.split or ()),
+                             batch_size=args.batch_size, seq_len=args.seq_len,
+                             num_labels=args.num_labels, precision=args.precision)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    for split, metrics in results.items():
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in metrics.items())
+        print(f"{split}: {shown}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loralab",
@@ -301,6 +388,76 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # --- subcommands are registered below, one block each ---
+    # [engineer D] train, eval
+    p = sub.add_parser("train", help="fine-tune one model with one strategy and measure its costs",
+                       description="Train one run: full, head-only, LoRA or LoRA+head "
+                       "fine-tuning (or none: evaluate), measuring parameters, time, memory, "
+                       "FLOPs and artifact size into RUN/record.json.",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="YAML mapping of TrainConfig fields; command-line options override it")
+    p.add_argument("--model", help="bundled name (minilm-l6, smollm2-135m), local dir or hub id")
+    p.add_argument("--task", choices=("lm", "classify", "generate"))
+    p.add_argument("--data", help="dataset preset (rt-snippets, wiki-leads, e2e, ...) or path")
+    p.add_argument("--eval-data", dest="eval_data", metavar="D1,D2",
+                   help="extra evaluation sets, comma-separated")
+    p.add_argument("--method", help="none | full | head | lora | lora-head | qat-lora | qlora | "
+                   "lora-ptq")
+    p.add_argument("--preset", help="LoRA targets: qv, attn, attn-proj, attn-proj-ffn, all, or "
+                   "comma-separated module names/globs")
+    p.add_argument("--rank", type=int, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (scale alpha/r)")
+    p.add_argument("--dropout", type=float, help="LoRA dropout")
+    p.add_argument("--rslora", action="store_const", const=True, help="scale by alpha/sqrt(r)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=float, help="passes over the training split")
+    g.add_argument("--max-steps", dest="max_steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", dest="batch_size", type=int,
+                   help="examples per micro-batch (summed over processes)")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float)
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    p.add_argument("--warmup-ratio", dest="warmup_ratio", type=float)
+    p.add_argument("--schedule", choices=("linear", "cosine", "constant"))
+    p.add_argument("--grad-clip", dest="grad_clip", type=float, help="0 disables")
+    p.add_argument("--label-smoothing", dest="label_smoothing", type=float)
+    p.add_argument("--precision", choices=("fp32", "bf16"))
+    p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const",
+                   const=True)
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--data-fraction", dest="data_fraction", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", dest="eval_every", type=int,
+                   help="evaluate + checkpoint every N steps (always at epoch ends)")
+    p.add_argument("--eval-batches", dest="eval_batches", type=int,
+                   help="validation batches per periodic evaluation (0 = all)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
+    p.add_argument("--head-epochs", dest="head_epochs", type=float,
+                   help="lora-head: final epochs that train the head only")
+    p.add_argument("--num-labels", dest="num_labels", type=int)
+    p.add_argument("--quant", help="qat-lora/qlora/lora-ptq quantization scheme")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--wandb", action="store_const", const=True,
+                   help="also log to Weights & Biases")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a finished run, or a model (+ adapter), on a dataset",
+                       epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", nargs="?", help="run directory (with record.json)")
+    p.add_argument("--model", help="model to evaluate instead of a run")
+    p.add_argument("--adapter", help="adapter directory (PEFT format) to load into --model")
+    p.add_argument("--task", choices=("lm", "classify", "generate"))
+    p.add_argument("--data", help="dataset (default: the run's)")
+    p.add_argument("--split", action="append", help="split(s) to evaluate (default: all but train)")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--num-labels", dest="num_labels", type=int)
+    p.add_argument("--precision", choices=("fp32", "bf16"))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_eval)
     # [engineer C] score
     p = sub.add_parser("score", help="score system outputs against references (E2E metrics)",
                        description="Score any system's outputs against references with the E2E "

@@ -1138,3 +1138,49 @@ def _evaluate_extra(model: nn.Module, loaded: Any, name: str, config: TrainConfi
                            seed=config.seed)
     split = "test" if "test" in extra.splits else "validation"
     return evaluate(model, extra.splits[split], extra.collate_fn, config, device)
+
+
+# --- evaluating a finished run or a model + adapter ----------------------------------------------
+
+def evaluate_saved(*, run_dir: str | os.PathLike | None = None, model: str | None = None,
+                   adapter: str | os.PathLike | None = None, data: str | None = None,
+                   task: str | None = None, splits: tuple[str, ...] = (),
+                   batch_size: int | None = None, seq_len: int | None = None,
+                   num_labels: int | None = None, precision: str | None = None) -> dict:
+    """Metrics of a finished run (its saved model, adapter or head) or of `model` (+ `adapter`)
+    on `data` (default: the run's dataset), per split: {split: {loss, perplexity | accuracy,
+    precision, recall, f1, ...}}."""
+    from loralab.data import load_task_data
+
+    if run_dir is not None:
+        from loralab.study import load_run, load_run_model
+
+        record = load_run(run_dir)
+        values = {k: v for k, v in (record.get("config") or {}).items() if k in config_fields()}
+        config = make_config(values, data=data, batch_size=batch_size, seq_len=seq_len,
+                             precision=precision)
+        net, tokenizer, _ = load_run_model(run_dir)
+    else:
+        if model is None or data is None or task is None:
+            raise UserError("pass a run directory, or --model, --task and --data (and "
+                            "optionally --adapter)")
+        from loralab.models import load_model
+
+        config = make_config(model=model, task=task, data=data, method="none",
+                             batch_size=batch_size, seq_len=seq_len, num_labels=num_labels,
+                             precision=precision)
+        loaded = load_model(model, task, num_labels=config.num_labels)
+        net, tokenizer = loaded.model, loaded.tokenizer
+        if adapter is not None:
+            _, load_adapter = adapter_io()
+            load_adapter(net, adapter)
+    task_data = load_task_data(config.data, config.task, tokenizer, seq_len=config.seq_len,
+                               seed=config.seed)
+    wanted = splits or tuple(s for s in task_data.splits if s != "train")
+    missing = [s for s in wanted if s not in task_data.splits]
+    if missing:
+        raise UserError(f"{config.data} has no split {missing[0]!r}; it has "
+                        f"{', '.join(task_data.splits)}")
+    net.eval()
+    return {s: evaluate(net, task_data.splits[s], task_data.collate_fn, config)
+            for s in wanted}
