@@ -100,31 +100,36 @@ def test_yaml_syntax_error_has_the_line():
         st.parse_study(text, source="s.yaml")
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("name: t\nmodel: [unclosed\n", "not valid YAML"),
-    (BASE + "bogus_field: 1\n", "unknown field 'bogus_field'"),
-])
-def test_cli_bad_study_exits_2_with_one_line(tmp_path, text, needle):
+def test_cli_bad_study_exits_2_with_one_line_no_traceback(tmp_path):
+    """A real process: exit code 2, one line on stderr naming the file, no traceback."""
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_text("name: t\nmodel: [unclosed\n")
     proc = subprocess.run([sys.executable, "-m", "loralab", "compare", str(path), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1, err
-    assert needle in err and "Traceback" not in err
-    assert str(path) in err
+    assert "not valid YAML" in err and str(path) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
-def test_cli_missing_study_and_missing_run(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "loralab", "compare", str(tmp_path / "no.yaml")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "study file not found" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run([sys.executable, "-m", "loralab", "generate", "--run",
-                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "run directory not found" in proc.stderr
-    assert "Traceback" not in proc.stderr
+@pytest.mark.parametrize("argv, needle", [
+    (["compare", "{bad}"], "unknown field 'bogus_field' in the study; valid fields: name,"),
+    (["compare", "{missing}"], "study file not found"),
+    (["generate", "--run", "{missing}"], "run directory not found"),
+    (["merge", "--run", "{missing}", "--out", "{missing}-merged"], "run directory not found"),
+    (["report", "{missing}"], "no results database"),
+    (["runs", "{missing}"], "no results database"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, needle):
+    from loralab.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BASE + "bogus_field: 1\n")
+    argv = [a.format(bad=bad, missing=tmp_path / "nope") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
 
 
 def test_bundled_studies_parse():
