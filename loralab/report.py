@@ -393,6 +393,14 @@ def make_plots(data: StudyData) -> dict[str, bytes]:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[s.name],
                             marker="o" if len(pts) < 12 else None, markersize=3,
                             alpha=1.0 if j == 0 else 0.5, label=s.name if j == 0 else None)
+            if key == "val_loss":  # untrained rows: their validation loss as a reference line
+                for s in data.strategies:
+                    if not any((r.get("curves") or {}).get(key) for r in s.runs):
+                        st = s.metrics.get("validation", {}).get("loss")
+                        if st is not None:
+                            ax.axhline(st.mean, color=colors[s.name], ls="--", lw=1,
+                                       label=f"{s.name} (no training)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_xlabel("step")
             ax.set_ylabel(key.replace("_", " "))
             ax.set_title(key.replace("_", " "))
