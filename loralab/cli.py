@@ -14,6 +14,11 @@ from loralab.errors import UserError
 EPILOG = """examples:
   loralab targets smollm2-135m --preset attn-proj-ffn
   loralab compare                      # the bundled offline study
+  loralab compare studies/distilbert-imdb-offline.yaml --seeds 3
+  loralab runs loralab-out/default --status finished
+  loralab report loralab-out/default   # rebuild report.md/.html/results.csv from the database
+  loralab merge --run loralab-out/default/runs/lora-2-seed0 --out merged/
+  loralab generate --run loralab-out/default/runs/lora-2-seed0 --prompt "The Moon is"
 """
 
 
