@@ -146,15 +146,17 @@ def torchao_config(scheme: Scheme) -> Any:
 
 def reference_fake_quantize(w: torch.Tensor, bits: int, group_size: int | None = None
                             ) -> torch.Tensor:
-    """Q(W) = clamp(round(W / s), q_min, q_max) * s with s = max|W_group| / ((q_max - q_min)/2),
+    """Q(W) = clamp(round(W * (1/s)), q_min, q_max) * s with s = max|W_group| / ((q_max-q_min)/2),
     symmetric, per output row (group_size None) or per group of input columns."""
     q_min, q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     rows, cols = w.shape
     g = group_size or cols
-    groups = w.reshape(rows, cols // g, g).double()
+    groups = w.reshape(rows, cols // g, g)  # in w's dtype: the rounding ties depend on it
     scale = groups.abs().amax(-1, keepdim=True) / ((q_max - q_min) / 2)
     scale = scale.clamp(min=torch.finfo(torch.float32).eps)
-    q = torch.clamp(torch.round(groups / scale), q_min, q_max)
+    # x * (1 / s), not x / s: torchao multiplies by the reciprocal, which moves exact ties at
+    # +-max|W| (w / s = -127.5 -> -128 by round-half-even) onto the inner level (-127)
+    q = torch.clamp(torch.round(groups * (1.0 / scale)), q_min, q_max)
     return (q * scale).reshape(rows, cols).to(w.dtype)
 
 
@@ -178,8 +180,8 @@ def body_linears(model: nn.Module, scheme: Scheme | None = None) -> list[tuple[s
     """The `nn.Linear` layers of the body: everything but the task head (lm_head / classifier,
     which stays float: it is trained, or tied to the embeddings) and, for grouped schemes,
     layers whose input width is not a multiple of the group size. Layers inside a LoRA wrapper
-    are found under `<name>.base`. GPT-2's Conv1D layers are not `nn.Linear` and torchao does
-    not quantize them."""
+    are found under `<name>.base`. GPT-2's Conv1D layers are not `nn.Linear` (torchao skips
+    them): `conv1d_to_linear` first, as `prepare_method` does."""
     from loralab.targets import head_module_names
 
     heads = set(head_module_names(model))
@@ -195,6 +197,29 @@ def body_linears(model: nn.Module, scheme: Scheme | None = None) -> list[tuple[s
             continue
         out.append((name, module))
     return out
+
+
+@torch.no_grad()
+def conv1d_to_linear(model: nn.Module) -> int:
+    """Replace every transformers `Conv1D` (GPT-2: y = x W + b with W stored d_in x d_out) by the
+    equivalent `nn.Linear` (weight W^T), in place, so torchao can quantize GPT-2's body. The
+    function computed is unchanged. Returns how many layers were replaced."""
+    from loralab.lora import _set_submodule
+
+    n = 0
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Conv1D":
+            continue
+        d_in, d_out = module.weight.shape
+        layer = nn.Linear(d_in, d_out, bias=module.bias is not None,
+                          device=module.weight.device, dtype=module.weight.dtype)
+        layer.weight.copy_(module.weight.T)
+        if module.bias is not None:
+            layer.bias.copy_(module.bias)
+        layer.requires_grad_(module.weight.requires_grad)
+        _set_submodule(model, name, layer)
+        n += 1
+    return n
 
 
 def _require_linears(model: nn.Module, scheme: Scheme) -> list[tuple[str, nn.Linear]]:
@@ -579,6 +604,13 @@ def prepare_method(model: nn.Module, method: str, scheme_name: str) -> list[str]
     """Before `apply_lora`: qat-lora fake-quantizes the body (QAT prepare), qlora replaces its
     weights by quantized ones (the frozen QLoRA base), lora-ptq trains in float. Returns notes."""
     scheme = get_scheme(scheme_name)
+    converted = conv1d_to_linear(model)
+    notes = [f"{converted} Conv1D layers turned into equivalent nn.Linear layers (for torchao)"
+             ] if converted else []
+    return notes + _prepare_method(model, method, scheme)
+
+
+def _prepare_method(model: nn.Module, method: str, scheme: Scheme) -> list[str]:
     if method == "qat-lora":
         return prepare_qat(model, scheme)
     if method == "qlora":
@@ -736,7 +768,7 @@ __all__ = [
     "SCHEMES", "Scheme", "get_scheme", "torchao_config", "reference_fake_quantize",
     "reference_fake_quantize_per_token", "body_linears", "to_nf4", "is_quantized_tensor",
     "dequantize", "quantize_weights", "prepare_qat", "convert_qat", "quantize_tensor",
-    "merge_into_quantized", "logical_numel", "count_parameters", "tensor_bytes", "weight_bytes",
+    "merge_into_quantized", "conv1d_to_linear", "logical_numel", "count_parameters", "tensor_bytes", "weight_bytes",
     "save_model", "disk_bytes", "collect_logits", "drift", "logit_drift", "metric_drift", "latency", "Deployment", "deploy",
     "compare_quantization", "format_comparison", "QUANT_METHODS", "prepare_method",
     "finish_run",

@@ -222,8 +222,6 @@ def test_merge_into_quantized_reports_drift_and_keeps_tied_embeddings(name):
     float_model = tiny_llama()  # lm_head tied to the embeddings, adapted by preset "all"
     emb = float_model.get_input_embeddings().weight.detach().clone()
     model = quant.quantize_weights(copy.deepcopy(float_model), name)
-    apply_lora(model, LoRAConfig(rank=4, targets="all"))
-    _randomise_adapters(model)
     batches = [_ids()]
     # scale of one quantization: the float model vs its quantized copy
     ptq = quant.drift(quant.collect_logits(float_model, batches),
@@ -277,7 +275,7 @@ def test_unsupported_configs_are_clear_user_errors():
         quant.prepare_method(tiny_llama(), "qlora", "int8-dyn")
     from conftest import tiny_gpt2
 
-    with pytest.raises(UserError, match="Conv1D"):  # GPT-2's body has no nn.Linear
+    with pytest.raises(UserError, match="Conv1D"):  # prepare_qat alone: GPT-2 has no Linear
         quant.prepare_qat(tiny_gpt2(), "int8")
 
 
@@ -295,3 +293,20 @@ def test_int4_cuda_path_fake_quant_numerics_run_on_cpu():
     levels = [len(torch.unique(g)) for g in w.reshape(8, 2, 128).reshape(16, 128)]
     assert max(levels) <= 16  # 4 bits: at most 16 values per group
     assert (w - layer.weight.detach()).abs().max() < 0.2 * layer.weight.detach().abs().max()
+
+
+def test_gpt2_conv1d_body_is_converted_and_then_trains_with_qat():
+    from conftest import tiny_gpt2
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    batch = _ids()
+    before = model(**batch).logits
+    assert quant.conv1d_to_linear(model) == 8  # c_attn, c_proj, c_fc, mlp c_proj x 2 layers
+    torch.testing.assert_close(model(**batch).logits, before, rtol=1e-5, atol=1e-5)
+    notes = quant.prepare_method(model, "qat-lora", "int8")
+    assert any("fake-quantized" in n for n in notes)
+    apply_lora(model, LoRAConfig(rank=2, targets="qv"))  # fused c_attn: q and v slices
+    _randomise_adapters(model)
+    model(**batch).logits.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(model))
