@@ -307,8 +307,8 @@ def html_table(t: Table) -> str:
                       "</td>" for j, c in enumerate(r))
         body.append(f"<tr{cls}>{tds}</tr>")
     note = f'<p class="note">{html.escape(t.note)}</p>' if t.note else ""
-    return (f"<h3>{html.escape(t.title)}</h3>\n<table><thead><tr>{head}</tr></thead><tbody>"
-            + "".join(body) + f"</tbody></table>{note}")
+    return (f"<h3>{html.escape(t.title)}</h3>\n<div class=\"wide\"><table><thead><tr>{head}"
+            "</tr></thead><tbody>" + "".join(body) + f"</tbody></table></div>{note}")
 
 
 def terminal_report(data: StudyData) -> str:
@@ -618,6 +618,7 @@ th:first-child,td:first-child{text-align:left}
 thead th{background:#f3f3f3}
 tr.published td{font-style:italic;color:#555;background:#fafaf0}
 .note{color:#666;font-size:.88em}
+.wide{overflow-x:auto}
 figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #eee}
 pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em}
 code{background:#f3f3f3;padding:0 .2em}
