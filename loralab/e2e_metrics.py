@@ -638,8 +638,12 @@ def ter_score(refs: Sequence[Sequence[str]], hyps: Sequence[str], *, workers: in
         size = math.ceil(len(work) / (4 * workers))
         chunks = [work[i:i + size] for i in range(0, len(work), size)]
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            stats = [s for part in pool.map(_ter_segment_stats, chunks) for s in part]
+        try:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                stats = [s for part in pool.map(_ter_segment_stats, chunks) for s in part]
+        except (RuntimeError, OSError, concurrent.futures.process.BrokenProcessPool):
+            # e.g. a caller's script without an `if __name__ == "__main__"` guard: one process
+            stats = _ter_segment_stats(work)
     edits = sum(s[0] for s in stats)
     length = sum(s[1] for s in stats)
     return ter._compute_score_from_stats([edits, length]).score
