@@ -43,9 +43,12 @@ E2E_KEYS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
 # --------------------------------------------------------------------------- input files
 
-_MR_HEADER = re.compile(r"(mr|src|source|meaning(?:[_ .-]rep(?:resentation)?)?|da|dial(?:ogue)?[_ .-]act)s?$", re.I)
-_OUT_HEADER = re.compile(r"(out(?:put)?|sys(?:tem)?(?:[_ .-](?:out(?:put)?))?|pred(?:iction)?|hyp(?:othesis)?)s?$", re.I)
-_REF_HEADER = re.compile(r"(trg|tgt|target|ref(?:erence)?|human(?:[_ .-](?:ref(?:erence)?))?)s?$", re.I)
+_MR_HEADER = re.compile(r"(mr|src|source|meaning(?:[_ .-]rep(?:resentation)?)?|da"
+                        r"|dial(?:ogue)?[_ .-]act)s?$", re.I)
+_OUT_HEADER = re.compile(r"(out(?:put)?|sys(?:tem)?(?:[_ .-](?:out(?:put)?))?|pred(?:iction)?"
+                         r"|hyp(?:othesis)?)s?$", re.I)
+_REF_HEADER = re.compile(r"(trg|tgt|target|ref(?:erence)?|human(?:[_ .-](?:ref(?:erence)?))?)s?$",
+                         re.I)
 # Encoding damage present in some E2E releases; the official reader repairs it the same way.
 _MOJIBAKE = (("Ł", "£"), ("Â£", "£"), ("Ã©", "é"), ("ã©", "é"))
 
