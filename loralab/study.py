@@ -449,11 +449,12 @@ def run_config(study: Study, strategy: Strategy, seed: int, run_dir: Path) -> di
     for every strategy, so every strategy sees the same data in the same order.
     """
     budget = dict(study.budget)
+    other = {"epochs": "max_steps", "max_steps": "epochs"}  # a strategy's length replaces both
     for key in ("lr", "epochs", "max_steps"):
         value = getattr(strategy, key)
         if value is not None:
-            budget.pop("epochs" if key == "max_steps" else "max_steps" if key == "epochs" else "",
-                       None)
+            if key in other:
+                budget.pop(other[key], None)
             budget[key] = value
     config: dict[str, Any] = {
         "model": study.model, "task": study.task, "data": study.data,
@@ -672,7 +673,7 @@ def generation_scores(model, tokenizer, task_data, ev: dict[str, Any], config: d
     gen = ev.get("generate") or {}
     n = gen.get("max_examples") or ev.get("max_examples") or 50
     if config["task"] == "generate":
-        if ev["name"] not in task_data.refs and not task_data.refs:
+        if not task_data.refs:
             raise UserError(f"eval set '{ev['name']}' has no references to score generations "
                             "against; remove 'generate' from it")
         split = ev.get("split") or "test"
