@@ -39,8 +39,14 @@ def main() -> None:
     ap.add_argument("--eval-examples", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default="runs/quant-bench")
+    ap.add_argument("--memory", action="store_true",
+                    help="instead: memory of one LoRA training step on a float vs int8 vs nf4 "
+                         "frozen base (QLoRA), each in a fresh process")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.memory:
+        memory_table(args)
+        return
 
     from loralab.quant import compare_quantization, format_comparison
 
@@ -58,6 +64,31 @@ def main() -> None:
               f"{json.dumps(merge.get('merge_metric_drift'))}")
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     print(f"full result: {out / 'result.json'}")
+
+
+def memory_table(args) -> None:
+    import subprocess
+
+    rows = []
+    for scheme in (None, "int8", "nf4"):
+        code = ("import json, sys; from loralab.quant import training_step_memory; "
+                f"print('JSON' + json.dumps(training_step_memory({args.model!r}, {args.task!r}, "
+                f"{scheme!r}, batch_size={args.batch_size}, seq_len={args.seq_len}, "
+                f"rank={args.rank}, preset={args.preset!r})))")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        line = next((x for x in res.stdout.splitlines() if x.startswith("JSON")), None)
+        if line is None:
+            raise SystemExit(res.stderr[-2000:])
+        rows.append(json.loads(line[4:]))
+    print(f"{args.model}, LoRA r={args.rank} {args.preset}, one step, batch "
+          f"{args.batch_size} x {args.seq_len}")
+    print(f"{'base':6s} {'weights MB':>10s} {'logical params':>15s} {'trainable':>10s} "
+          f"{'peak tensors MB':>15s} {'peak RSS +MB':>12s} {'step s':>7s}")
+    for r in rows:
+        print(f"{r['scheme']:6s} {r['weight_bytes'] / 1e6:10.2f} {r['logical_params']:15,d} "
+              f"{r['trainable_params']:10,d} {r['peak_tensor_bytes'] / 1e6:15.2f} "
+              f"{r['peak_rss_delta_bytes'] / 1e6:12.1f} {r['step_seconds']:7.2f}")
 
 
 if __name__ == "__main__":

@@ -728,6 +728,51 @@ def compare_quantization(model: str = "minilm-l6", task: str = "classify",
                                     "threads": torch.get_num_threads()}}
 
 
+def training_step_memory(model_name: str = "minilm-l6", task: str = "classify",
+                         scheme: str | None = "nf4", *, batch_size: int = 8, seq_len: int = 64,
+                         rank: int = 8, preset: str = "qv", seed: int = 0) -> dict[str, Any]:
+    """Memory of one LoRA training step (forward, backward, AdamW step) on a float base
+    (scheme None) or a quantized frozen base (QLoRA): weight bytes, logical parameters, the
+    tensor-level peak (parameters + gradients + optimizer state + tensors saved for backward)
+    and the process's peak RSS increase over the step. Run each scheme in a fresh process for
+    a clean RSS figure (benchmarks/quant_bench.py --memory does)."""
+    from loralab import measure
+    from loralab.lora import apply_lora, LoRAConfig, lora_parameters
+    from loralab.models import load_model
+
+    torch.manual_seed(seed)
+    model = load_model(model_name, task).model
+    float_bytes = weight_bytes(model)
+    if scheme is not None:
+        conv1d_to_linear(model)
+        quantize_weights(model, scheme)
+    apply_lora(model, LoRAConfig(rank=rank, targets=preset, train_head=task == "classify"))
+    trainable, total = count_parameters(model)
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    labels = (torch.randint(0, 2, (batch_size,), generator=g) if task == "classify" else ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    tracker = measure.SavedTensorTracker(skip=measure.storage_pointers(model.parameters()))
+    sampler = measure.RSSSampler().start()
+    t0 = time.perf_counter()
+    with tracker.track():
+        out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    opt.step()
+    seconds = time.perf_counter() - t0
+    rss = sampler.stop()
+    return {"model": model_name, "scheme": scheme or "float", "float_weight_bytes": float_bytes,
+            "weight_bytes": weight_bytes(model), "logical_params": total,
+            "trainable_params": trainable, "lora_params": sum(p.numel() for p in
+                                                              lora_parameters(model)),
+            "saved_activation_bytes": tracker.peak,
+            "peak_tensor_bytes": measure.static_tensor_bytes(model, opt) + tracker.peak,
+            "peak_rss_delta_bytes": rss, "step_seconds": seconds,
+            "batch": [batch_size, seq_len]}
+
+
 def _eval_batches(task_data: Any, batch_size: int, n: int = 4) -> list[dict]:
     """Up to n batches of the held-out split (test, else validation) for drift and latency."""
     split = "test" if "test" in task_data.splits else "validation"
@@ -771,5 +816,5 @@ __all__ = [
     "merge_into_quantized", "conv1d_to_linear", "logical_numel", "count_parameters", "tensor_bytes", "weight_bytes",
     "save_model", "disk_bytes", "collect_logits", "drift", "logit_drift", "metric_drift", "latency", "Deployment", "deploy",
     "compare_quantization", "format_comparison", "QUANT_METHODS", "prepare_method",
-    "finish_run",
+    "finish_run", "training_step_memory",
 ]
