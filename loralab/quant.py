@@ -304,6 +304,41 @@ def quantize_weights(model: nn.Module, scheme: Scheme | str) -> nn.Module:
     return model
 
 
+class _PackedLinear(torch.autograd.Function):
+    """y = x deq(W_q)^T + b for a frozen quantized W_q, saving only W_q (packed) for backward:
+    dx = g deq(W_q). torchao's int8 tensors run F.linear on the dequantized weight under
+    autograd, which keeps a float copy of every weight until backward; NF4's own linear_nf4
+    already works this way."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return F.linear(x, dequantize(weight).to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        (weight,) = ctx.saved_tensors
+        return g @ dequantize(weight).to(g.dtype), None, None
+
+
+def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _PackedLinear.apply(x, self.weight, self.bias)
+
+
+def keep_packed_in_backward(model: nn.Module) -> int:
+    """Make every frozen body linear with a quantized weight save only its packed weight for
+    backward (an instance-level forward; names and state dict unchanged). Returns the count."""
+    import types
+
+    n = 0
+    for _, layer in body_linears(model):
+        if is_quantized_tensor(layer.weight) and not layer.weight.requires_grad and (
+                layer.bias is None or not layer.bias.requires_grad):
+            layer.forward = types.MethodType(_packed_forward, layer)
+            n += 1
+    return n
+
+
 def prepare_qat(model: nn.Module, scheme: Scheme | str) -> list[str]:
     """QAT prepare (torchao `QATConfig(base, step="prepare")`): every body linear becomes a
     `FakeQuantizedLinear` whose forward is F.linear(Q_a(x), Q_w(W), b). `LoRALinear` applies the
@@ -620,6 +655,7 @@ def _prepare_method(model: nn.Module, method: str, scheme: Scheme) -> list[str]:
                             "int4-weight or nf4")
         before = weight_bytes(model)
         quantize_weights(model, scheme)
+        keep_packed_in_backward(model)
         return [f"qlora: frozen base {scheme.name} ({scheme.note}); weights "
                 f"{before / 1e6:.2f} MB -> {weight_bytes(model) / 1e6:.2f} MB"]
     return [f"lora-ptq: LoRA in float, then merged and post-training quantized ({scheme.name})"]
@@ -746,6 +782,7 @@ def training_step_memory(model_name: str = "minilm-l6", task: str = "classify",
     if scheme is not None:
         conv1d_to_linear(model)
         quantize_weights(model, scheme)
+        keep_packed_in_backward(model)
     apply_lora(model, LoRAConfig(rank=rank, targets=preset, train_head=task == "classify"))
     trainable, total = count_parameters(model)
     g = torch.Generator().manual_seed(seed)
@@ -816,5 +853,5 @@ __all__ = [
     "merge_into_quantized", "conv1d_to_linear", "logical_numel", "count_parameters", "tensor_bytes", "weight_bytes",
     "save_model", "disk_bytes", "collect_logits", "drift", "logit_drift", "metric_drift", "latency", "Deployment", "deploy",
     "compare_quantization", "format_comparison", "QUANT_METHODS", "prepare_method",
-    "finish_run", "training_step_memory",
+    "finish_run", "training_step_memory", "keep_packed_in_backward",
 ]

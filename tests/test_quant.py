@@ -179,10 +179,12 @@ def test_count_parameters_reads_bitsandbytes_style_packed_shape():
     assert quant.logical_numel(p) == 2048
 
 
-def test_qlora_gradients_match_a_float_base_holding_the_dequantized_weights():
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_qlora_gradients_match_a_float_base_holding_the_dequantized_weights(name):
     torch.manual_seed(0)
     model = tiny_llama()
-    quant.quantize_weights(model, "nf4")
+    quant.quantize_weights(model, name)
+    assert quant.keep_packed_in_backward(model) == len(quant.body_linears(model))
     ref = tiny_llama()
     ref.load_state_dict({k: quant.dequantize(v) for k, v in model.state_dict().items()})
     for m in (model, ref):
@@ -192,6 +194,26 @@ def test_qlora_gradients_match_a_float_base_holding_the_dequantized_weights():
         m(**_ids()).logits.pow(2).mean().backward()
     for p, r in zip(lora_parameters(model), lora_parameters(ref)):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_quantized_base_saves_no_float_weight_copies_for_backward():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    quant.quantize_weights(model, "int8")
+    quant.keep_packed_in_backward(model)
+    apply_lora(model, LoRAConfig(rank=4, targets="qv"))
+    float_shapes = {tuple(m.weight.shape) for _, m in quant.body_linears(model)}
+    float_shapes |= {s[::-1] for s in float_shapes}
+    saved = []
+
+    def pack(t):
+        if not quant.is_quantized_tensor(t) and t.dtype == torch.float32:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**_ids()).logits.sum()
+    assert not float_shapes & set(saved)  # no dequantized (d_out, d_in) weight kept
 
 
 @pytest.mark.slow
