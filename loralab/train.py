@@ -118,6 +118,9 @@ class TrainConfig:
     """fp32, or bf16 autocast (weights stay fp32)."""
     grad_checkpointing: bool = False
     """Recompute activations in backward instead of storing them."""
+    fused_loss: bool = True
+    """Causal LMs: compute the loss from hidden states in chunks, never the full logits
+    (loralab.losses); off = the model's own logits + cross-entropy."""
     seq_len: int = 128
     """Maximum tokens per example."""
     data_fraction: float = 1.0
@@ -541,7 +544,7 @@ def evaluate(model: nn.Module, dataset, collate_fn, config: TrainConfig,
     preds: list[int] = []
     golds: list[int] = []
     n = len(dataset)
-    bs = config.batch_size
+    bs = max(config.batch_size, 32)  # no activations kept: larger batches are cheaper per row
     for b, start in enumerate(range(0, n, bs)):
         if max_batches and b >= max_batches:
             break
@@ -748,6 +751,19 @@ def _fault(name: str) -> int | None:
     return int(value) if value else None
 
 
+def _step_module(model: nn.Module, config: TrainConfig, d: Dist) -> nn.Module:
+    """What a training forward calls: for causal LMs the fused-loss module (the loss from
+    hidden states in chunks, no N x V logits), otherwise the model. FSDP (full fine-tuning on
+    several GPUs) keeps the model's own forward, whose root hooks gather the head's shards."""
+    from loralab.losses import CausalLMLoss, fused_loss_supported
+
+    fsdp = config.method == "full" and d.device.type == "cuda" and d.world > 1
+    if (config.fused_loss and config.task in ("lm", "generate") and not fsdp
+            and fused_loss_supported(model)):
+        return CausalLMLoss(model, config.label_smoothing)
+    return model
+
+
 def _wrap(model: nn.Module, config: TrainConfig, d: Dist) -> tuple[nn.Module, str]:
     """DDP (or FSDP for full fine-tuning on GPUs) when distributed; the model itself otherwise."""
     if d.world == 1:
@@ -920,7 +936,10 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
                 state.best_val, state.best_step = result["loss"], state.step
         save(best=improved)
 
-    wrapped, mode = _wrap(model, config, d) if config.method != "none" else (model, "eval")
+    step_module = _step_module(model, config, d)
+    fused = step_module is not model
+    wrapped, mode = (_wrap(step_module, config, d) if config.method != "none"
+                     else (model, "eval"))
     if mode == "fsdp":
         notes.append("FSDP (fully_shard) for full fine-tuning")
     record["env"]["parallel"] = mode
@@ -940,7 +959,7 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
                 phase = "head"
                 set_phase(model, config, phase)
                 if d.world > 1:  # DDP registered the old trainable set; wrap again
-                    wrapped, mode = _wrap(model, config, d)
+                    wrapped, mode = _wrap(step_module, config, d)
                 logger.message(f"step {state.step}: adapters frozen, training the head only")
             t0 = time.perf_counter()
             start = state.step_in_epoch * global_batch
@@ -967,9 +986,13 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
                     sync = k == len(batches) - 1 or mode != "ddp"
                     ctx = wrapped.no_sync() if not sync else nullcontext()
                     with ctx, tracker.track(), _autocast(config, d.device):
-                        logits = _forward_logits(wrapped, batch)
-                        loss = loss_sum(logits, batch["labels"], config.task,
-                                        config.label_smoothing) / t_step
+                        if fused:
+                            loss = wrapped(batch["input_ids"], batch.get("attention_mask"),
+                                           batch["labels"]) / t_step
+                        else:
+                            logits = _forward_logits(wrapped, batch)
+                            loss = loss_sum(logits, batch["labels"], config.task,
+                                            config.label_smoothing) / t_step
                     (loss * d.world).backward()
                     step_loss += loss.detach().double().cpu()
             step_loss = float(_all_reduce_sum(step_loss, d))

@@ -438,3 +438,33 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, method, fault, survivor
     assert rec["status"] == "finished"
     assert any(f"resumed from step {survivor}" in n for n in rec["notes"])
     assert [s for s, _ in rec["curves"]["train_loss"]] == list(range(1, 10))
+
+
+# --- end to end with the bundled pieces -------------------------------------------------------
+
+@pytest.mark.slow
+def test_end_to_end_minilm_lora_on_rt_snippets(tmp_path, capsys):
+    """Real model (bundled all-MiniLM-L6), real data (rt-snippets), LoRA for a few steps through
+    the CLI; then `loralab eval` on the run directory reproduces the run's validation metrics."""
+    from loralab.cli import main
+    from loralab.models import load_model
+
+    try:
+        load_model("minilm-l6", "classify")
+    except UserError as exc:
+        pytest.skip(f"bundled model not installed: {exc}")
+    out = tmp_path / "run"
+    code = main(["train", "--model", "minilm-l6", "--task", "classify", "--data", "rt-snippets",
+                 "--method", "lora", "--rank", "4", "--max-steps", "4", "--batch-size", "8",
+                 "--seq-len", "32", "--data-fraction", "0.05", "--lr", "1e-3",
+                 "--out", str(out)])
+    assert code == 0
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["status"] == "finished" and rec["costs"]["data_seconds"] > 0
+    assert 0 < rec["costs"]["trainable_pct"] < 1
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--split", "validation", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["validation"]
+    assert again["loss"] == pytest.approx(rec["metrics"]["validation"]["loss"], abs=1e-5)
+    assert again["accuracy"] == rec["metrics"]["validation"]["accuracy"]
