@@ -34,20 +34,20 @@ IGNORE_INDEX = -100
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, scale: float,
-                label_smoothing: float, chunk_size: int, p: float, seed: int):
+                label_smoothing: float, chunk_size: int, p: float, seed: int, grads: bool):
         n, d = hidden.shape
         vocab = weight.shape[0]
         dtype = _compute_dtype(hidden)
-        need_w = weight.requires_grad
-        need_b = bias is not None and bias.requires_grad
-        need_lora = lora_a is not None and lora_a.requires_grad
+        need_w = grads and weight.requires_grad
+        need_b = grads and bias is not None and bias.requires_grad
+        need_lora = grads and lora_a is not None and lora_a.requires_grad
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             b = bias.to(dtype) if bias is not None else None
             a = lora_a.to(dtype) if lora_a is not None else None
             bb = lora_b.to(dtype) if lora_b is not None else None
             grad_h = torch.empty(n, d, dtype=hidden.dtype, device=hidden.device) \
-                if hidden.requires_grad else None
+                if grads and hidden.requires_grad else None
             acc = torch.promote_types(dtype, torch.float32)  # accumulate in >= fp32
             grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
             grad_b = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_b else None
@@ -73,6 +73,8 @@ class _FusedLinearCE(torch.autograd.Function):
                     loss_t = (1 - label_smoothing) * loss_t + \
                         label_smoothing * (lse - z.mean(dim=-1))
                 total += (loss_t * valid).sum()
+                if not grads:
+                    continue
                 # dL/dz = softmax(z) - q, zero on ignored rows; computed in place on z
                 g = z.sub_(lse[:, None]).exp_()
                 g.scatter_add_(1, safe_y[:, None],
@@ -112,7 +114,7 @@ class _FusedLinearCE(torch.autograd.Function):
 
         return (scaled(grad_h, None), scaled(grad_w, w_dtype), scaled(grad_b, b_dtype),
                 scaled(grad_a, lora_dtype), scaled(grad_bb, lora_dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _chunk_mask(hidden: torch.Tensor, p: float, seed: int, start: int, chunk: int,
@@ -159,8 +161,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: to
         base, a, b, scale = (head.base if isinstance(head, LoRALinear) else head), None, None, 0.0
     if not isinstance(base, nn.Linear):
         raise ValueError(f"fused cross-entropy needs a Linear head, got {type(base).__name__}")
+    grads = torch.is_grad_enabled()  # under no_grad (evaluation) only the loss is computed
     total = _FusedLinearCE.apply(hidden, base.weight, base.bias, a, b, labels, scale,
-                                 label_smoothing, chunk_size, p, seed)
+                                 label_smoothing, chunk_size, p, seed, grads)
     return total, count
 
 
@@ -169,3 +172,49 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
     t + 1], and the last position gets no target (-100)."""
     pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
     return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+# Decoder families whose logits are exactly lm_head(final hidden state): no logit soft-capping
+# or scaling, so the fused loss equals the model's own.
+_FUSED_FAMILIES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3"}
+
+
+def fused_loss_supported(model: nn.Module) -> bool:
+    """True when `CausalLMLoss` computes exactly the model's own next-token loss."""
+    from loralab.lora import LoRALinear
+
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in _FUSED_FAMILIES:
+        return False
+    if getattr(config, "final_logit_softcapping", None):
+        return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, LoRALinear):
+        return not head.conv1d and len(head.slices) == 1 and isinstance(head.base, nn.Linear)
+    return isinstance(head, nn.Linear) and getattr(model, "base_model", model) is not model
+
+
+class CausalLMLoss(nn.Module):
+    """The summed next-token cross-entropy of a causal LM, computed from the decoder's final
+    hidden states with `fused_linear_cross_entropy` (no full logits).
+
+    A module (not a function) so DistributedDataParallel can wrap it: its forward runs the
+    decoder (`model.base_model`) and the head's parameters inside one DDP forward.
+    """
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0,
+                 chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                labels: torch.Tensor) -> torch.Tensor:
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False)
+        hidden = out.last_hidden_state                                  # (B, T, d)
+        total, _ = fused_linear_cross_entropy(hidden, self.model.get_output_embeddings(),
+                                              shifted_labels(labels), self.label_smoothing,
+                                              self.chunk_size)
+        return total

@@ -107,3 +107,39 @@ def test_matches_transformers_causal_lm_loss():
     hidden = model.model(ids).last_hidden_state
     total, count = fused_linear_cross_entropy(hidden, model.lm_head, shifted_labels(labels))
     torch.testing.assert_close(total / count, expected)
+
+
+def test_causal_lm_loss_module_matches_model_loss_and_grads():
+    """CausalLMLoss on a LoRA GPT-2 and LLaMA: same loss and adapter gradients as the model's
+    own `labels=` loss."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import tiny_gpt2, tiny_llama
+
+    from loralab.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters
+    from loralab.losses import CausalLMLoss, fused_loss_supported
+
+    for make in (tiny_gpt2, tiny_llama):
+        model = apply_lora(make(), LoRAConfig(rank=2, targets="all"))
+        for _, layer in lora_modules(model):
+            nn.init.normal_(layer.lora_B, std=0.1)
+        assert fused_loss_supported(model)
+        ids = torch.randint(0, 128, (2, 16))
+        mask = torch.ones_like(ids)
+        expected = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        expected.backward()
+        ref = [p.grad.clone() for p in lora_parameters(model)]
+        model.zero_grad()
+        total = CausalLMLoss(model)(ids, mask, ids)
+        (total / (2 * 15)).backward()
+        torch.testing.assert_close(total / (2 * 15), expected)
+        for p, r in zip(lora_parameters(model), ref, strict=True):
+            torch.testing.assert_close(p.grad, r, atol=1e-6, rtol=1e-4)
+
+
+def test_fused_loss_not_claimed_for_unknown_models():
+    from loralab.losses import fused_loss_supported
+
+    assert not fused_loss_supported(nn.Linear(2, 2))
