@@ -3,7 +3,7 @@
 Strategies (`TrainConfig.method`):
 
     none       evaluate the pretrained model, no training
-    full       every parameter trains (FSDP when distributed on GPUs, else DDP)
+    full       every parameter trains (DDP when distributed; FSDP not yet)
     head       only the task head trains; the frozen body runs under no_grad
     lora       LoRA adapters (+ the freshly initialised classifier for `classify`)
     lora-head  LoRA first, then adapters frozen and the head alone for the last `head_epochs`
@@ -765,17 +765,14 @@ def _step_module(model: nn.Module, config: TrainConfig, d: Dist) -> nn.Module:
 
 
 def _wrap(model: nn.Module, config: TrainConfig, d: Dist) -> tuple[nn.Module, str]:
-    """DDP (or FSDP for full fine-tuning on GPUs) when distributed; the model itself otherwise."""
+    """DDP when distributed; the model itself otherwise.
+
+    Full fine-tuning also uses DDP: FSDP (`fully_shard`, which does run on CPU with gloo) needs
+    collective state-dict gathering for checkpoints, evaluation on every rank and sharded
+    optimizer state on resume, which this loop does not have yet.
+    """
     if d.world == 1:
         return model, "single"
-    if config.method == "full" and d.device.type == "cuda":
-        from torch.distributed.fsdp import fully_shard
-
-        for module in model.modules():
-            if type(module).__name__.endswith(("DecoderLayer", "Block", "BertLayer")):
-                fully_shard(module)
-        fully_shard(model)
-        return model, "fsdp"
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [d.device.index] if d.device.type == "cuda" else None
@@ -940,8 +937,6 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
     fused = step_module is not model
     wrapped, mode = (_wrap(step_module, config, d) if config.method != "none"
                      else (model, "eval"))
-    if mode == "fsdp":
-        notes.append("FSDP (fully_shard) for full fine-tuning")
     record["env"]["parallel"] = mode
     order: torch.Tensor | None = None
     order_epoch = -1
