@@ -318,7 +318,9 @@ class _PackedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (weight,) = ctx.saved_tensors
-        return g @ dequantize(weight).to(g.dtype), None, None
+        d_x = g @ dequantize(weight).to(g.dtype) if ctx.needs_input_grad[0] else None
+        d_b = g.reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return d_x, None, d_b
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -332,8 +334,7 @@ def keep_packed_in_backward(model: nn.Module) -> int:
 
     n = 0
     for _, layer in body_linears(model):
-        if is_quantized_tensor(layer.weight) and not layer.weight.requires_grad and (
-                layer.bias is None or not layer.bias.requires_grad):
+        if is_quantized_tensor(layer.weight) and not layer.weight.requires_grad:
             layer.forward = types.MethodType(_packed_forward, layer)
             n += 1
     return n

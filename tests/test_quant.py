@@ -198,9 +198,9 @@ def test_qlora_gradients_match_a_float_base_holding_the_dequantized_weights(name
 
 def test_quantized_base_saves_no_float_weight_copies_for_backward():
     torch.manual_seed(0)
-    model = tiny_llama()
+    model = tiny_bert()  # linear layers with biases
     quant.quantize_weights(model, "int8")
-    quant.keep_packed_in_backward(model)
+    assert quant.keep_packed_in_backward(model) == len(quant.body_linears(model))
     apply_lora(model, LoRAConfig(rank=4, targets="qv"))
     float_shapes = {tuple(m.weight.shape) for _, m in quant.body_linears(model)}
     float_shapes |= {s[::-1] for s in float_shapes}
