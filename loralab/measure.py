@@ -129,8 +129,8 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def benchmark_matmul(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 2048,
-                     iters: int = 4) -> float:
+def benchmark_matmul(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 1024,
+                     iters: int = 3) -> float:
     """Best achieved FLOP/s of an n x n x n matmul (2 n^3 FLOPs each) over a few repetitions."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
