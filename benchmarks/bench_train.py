@@ -1,0 +1,289 @@
+"""Side-by-side training-step benchmarks: loralab's own `train` vs transformers + PEFT.
+
+Every measurement runs in a fresh subprocess (so peak-RSS figures do not bleed into each other),
+and the two sides alternate A, B, A, B, ... so slow drifts of this shared machine hit both.
+Each worker runs `--steps` optimizer steps after one warm-up step and reports steady-state
+tokens/s (warm-up excluded) and the peak resident set added by training (sampled by
+loralab.measure.RSSSampler, started after the model and optimizer exist, on both sides).
+
+    # loralab vs PEFT, one scenario, 3 repeats each
+    python benchmarks/bench_train.py compare --model smollm2-135m --batch 8 --seq 128 \
+        --precision fp32 --preset qv --dropout 0.1 --repeats 3
+    # the whole matrix of the performance issue (long: ~1.5 h here)
+    python benchmarks/bench_train.py matrix
+    # full vs LoRA vs head-only through loralab, with model FLOPs utilisation
+    python benchmarks/bench_train.py methods --model smollm2-135m
+    # inference latency: base vs unmerged adapter vs merged
+    python benchmarks/bench_train.py inference --model smollm2-135m
+
+The PEFT side is what users write by hand: `get_peft_model` with the same target modules, rank,
+alpha and dropout, `model(input_ids, labels=...).loss.backward()`, `torch.optim.AdamW` with its
+defaults, `torch.autocast` for bf16. GPT-2's fused c_attn cannot be sliced in PEFT, so there the
+`qv` preset adapts the whole c_attn on the PEFT side (more work for PEFT; said in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------ workers
+
+def _model(name: str):
+    """(model, tokenizer-or-None) for a bundled model or the GPT-2-shaped random model."""
+    import torch
+
+    torch.manual_seed(0)
+    if name == "gpt2-shaped":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+        return GPT2LMHeadModel(config), None
+    from loralab.models import load_model
+
+    loaded = load_model(name, "lm")
+    return loaded.model, loaded.tokenizer
+
+
+def _batches(vocab: int, batch: int, seq: int, count: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (batch, seq), generator=generator) for _ in range(count)]
+
+
+def worker_loralab(args) -> dict:
+    import datasets
+    import torch
+
+    from loralab.train import make_config, train
+
+    model, tokenizer = _model(args.model)
+    vocab = model.config.vocab_size
+    steps = args.steps + 1
+    ids = torch.cat(_batches(vocab, args.batch, args.seq, steps))
+    rows = {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+            "labels": ids.tolist()}
+    train_set = datasets.Dataset.from_dict(rows).with_format("torch")
+
+    def collate(items):
+        return {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in rows}
+
+    data = SimpleNamespace(splits={"train": train_set}, collate_fn=collate)
+    loaded = SimpleNamespace(model=model, tokenizer=tokenizer, notes=())
+    with tempfile.TemporaryDirectory() as out:
+        config = make_config(model=args.model, task="lm", data="synthetic", method=args.method,
+                             preset=args.preset, rank=args.rank, alpha=2.0 * args.rank,
+                             dropout=args.dropout, max_steps=steps, batch_size=args.batch,
+                             grad_accum=1, lr=1e-4, seq_len=args.seq, precision=args.precision,
+                             eval_every=10**9, warmup_steps=0, out=os.path.join(out, "run"))
+        record = train(config, loaded=loaded, task_data=data)
+    costs = record["costs"]
+    return {"tokens_per_second": costs["tokens_per_second"],
+            "peak_rss_delta": costs["peak_memory_bytes"], "mfu": costs.get("mfu"),
+            "trainable": costs["trainable_params"]}
+
+
+def worker_peft(args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from loralab.measure import RSSSampler
+    from loralab.targets import resolve_targets
+
+    model, _ = _model(args.model)
+    if args.method == "lora":
+        names = [t.name for t in resolve_targets(model, args.preset)]
+        config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
+                            target_modules=names, fan_in_fan_out=args.model == "gpt2-shaped")
+        model = get_peft_model(model, config)
+    elif args.method == "full":
+        model.requires_grad_(True)
+    else:
+        raise SystemExit("peft worker: --method lora or full")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    batches = _batches(model.config.vocab_size, args.batch, args.seq, args.steps + 1)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    sampler = RSSSampler().start()
+    times = []
+    for ids in batches:
+        start = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    peak = sampler.stop()
+    steady = times[1:]
+    return {"tokens_per_second": args.batch * args.seq * len(steady) / sum(steady),
+            "peak_rss_delta": peak, "trainable": sum(p.numel() for p in params)}
+
+
+def worker_inference(args) -> dict:
+    """Median forward latency of base, unmerged adapter and merged adapter, interleaved."""
+    import torch
+    from torch import nn
+
+    from loralab.lora import LoRAConfig, apply_lora, lora_modules, merge_adapters, \
+        unmerge_adapters
+
+    model, _ = _model(args.model)
+    model.eval()
+    ids = _batches(model.config.vocab_size, args.batch, args.seq, 1)[0]
+    base_state = None
+    timings: dict[str, list[float]] = {"base": [], "unmerged": [], "merged": []}
+
+    def once() -> float:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model(input_ids=ids)
+            return time.perf_counter() - start
+
+    once()
+    for _ in range(args.repeats):
+        timings["base"].append(once())
+    apply_lora(model, LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=args.preset))
+    for _, layer in lora_modules(model):
+        nn.init.normal_(layer.lora_B, std=0.01)
+    model.eval()
+    for _ in range(args.repeats):
+        timings["unmerged"].append(once())
+        merge_adapters(model)
+        timings["merged"].append(once())
+        unmerge_adapters(model)
+    del base_state
+    return {k: statistics.median(v) for k, v in timings.items()}
+
+
+# ------------------------------------------------------------------------------------ driver
+
+def _run_worker(kind: str, args, **overrides) -> dict:
+    values = vars(args) | overrides
+    cmd = [sys.executable, __file__, "worker", "--impl", kind]
+    for key in ("model", "method", "preset", "rank", "dropout", "batch", "seq", "precision",
+                "steps", "repeats"):
+        cmd += [f"--{key}", str(values[key])]
+    env = os.environ | {"PYTHONPATH": ROOT, "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"worker {kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _summary(values: list[float]) -> str:
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
+
+def compare(args) -> dict:
+    results: dict[str, list[dict]] = {"loralab": [], "peft": []}
+    for _ in range(args.repeats):
+        for kind in ("loralab", "peft"):
+            results[kind].append(_run_worker(kind, args))
+    tps = {k: [r["tokens_per_second"] for r in v] for k, v in results.items()}
+    mem = {k: [r["peak_rss_delta"] / 2**20 for r in v] for k, v in results.items()}
+    speed = statistics.median(tps["loralab"]) / statistics.median(tps["peft"])
+    memory = statistics.median(mem["loralab"]) / statistics.median(mem["peft"])
+    row = {"model": args.model, "shape": f"{args.batch}x{args.seq}", "precision": args.precision,
+           "preset": args.preset, "dropout": args.dropout, "rank": args.rank,
+           "loralab_tps": _summary(tps["loralab"]), "peft_tps": _summary(tps["peft"]),
+           "speedup": speed, "loralab_mb": _summary(mem["loralab"]),
+           "peft_mb": _summary(mem["peft"]), "memory_ratio": memory,
+           "trainable": (results["loralab"][0]["trainable"], results["peft"][0]["trainable"])}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _table(rows: list[dict]) -> str:
+    head = ("| model | batch x seq | precision | preset | dropout | loralab tok/s | PEFT tok/s | "
+            "speed-up | loralab peak MB | PEFT peak MB | memory ratio |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['model']} | {r['shape']} | {r['precision']} | {r['preset']} | {r['dropout']} | "
+        f"{r['loralab_tps']} | {r['peft_tps']} | {r['speedup']:.2f}x | {r['loralab_mb']} | "
+        f"{r['peft_mb']} | {r['memory_ratio']:.2f}x |\n" for r in rows)
+    return head + body
+
+
+def matrix(args) -> None:
+    rows = []
+    for model in ("smollm2-135m", "gpt2-shaped"):
+        for batch, seq in ((8, 128), (4, 256)):
+            for precision in ("fp32", "bf16"):
+                for preset in ("qv", "attn-proj-ffn"):
+                    for dropout in (0.0, 0.1):
+                        scenario = argparse.Namespace(**(vars(args) | {
+                            "model": model, "batch": batch, "seq": seq, "precision": precision,
+                            "preset": preset, "dropout": dropout}))
+                        rows.append(compare(scenario))
+    print(_table(rows))
+
+
+def methods(args) -> None:
+    """full vs LoRA vs head-only through loralab's train, interleaved, with MFU."""
+    results: dict[str, list[dict]] = {"full": [], "lora": [], "head": []}
+    for _ in range(args.repeats):
+        for method in results:
+            results[method].append(_run_worker("loralab", args, method=method))
+    print("| method | tok/s (median, min-max) | step time ratio vs full | peak MB | MFU |")
+    print("|---|---|---|---|---|")
+    full = statistics.median(r["tokens_per_second"] for r in results["full"])
+    for method, runs in results.items():
+        tps = [r["tokens_per_second"] for r in runs]
+        mem = [r["peak_rss_delta"] / 2**20 for r in runs]
+        mfu = statistics.median(r["mfu"] or 0.0 for r in runs)
+        print(f"| {method} | {_summary(tps)} | {full / statistics.median(tps):.2f} | "
+              f"{_summary(mem)} | {100 * mfu:.1f}% |")
+
+
+def inference(args) -> None:
+    result = _run_worker("inference", args)
+    base = result["base"]
+    print(f"forward {args.batch}x{args.seq} {args.model}, preset {args.preset}: "
+          f"base {1000 * base:.1f} ms, unmerged {1000 * result['unmerged']:.1f} ms "
+          f"({result['unmerged'] / base:.3f}x), merged {1000 * result['merged']:.1f} ms "
+          f"({result['merged'] / base:.3f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["compare", "matrix", "methods", "inference", "worker"])
+    parser.add_argument("--impl", default="loralab", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m or gpt2-shaped (12 layers, 768 wide, random weights)")
+    parser.add_argument("--method", default="lora")
+    parser.add_argument("--preset", default="qv")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.mode == "worker":
+        sys.path.insert(0, ROOT)
+        work = {"loralab": worker_loralab, "peft": worker_peft,
+                "inference": worker_inference}[args.impl]
+        print(json.dumps(work(args)))
+    elif args.mode == "compare":
+        print(_table([compare(args)]))
+    else:
+        {"matrix": matrix, "methods": methods, "inference": inference}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()
