@@ -155,16 +155,13 @@ def untie_head(model: nn.Module) -> bool:
 
     Why: with tied weights, training the head also trains the input embeddings (one tensor),
     so "head-only" or "LoRA + head" would silently update the embedding layer too. The config
-    flag is cleared so `save_pretrained`/reloads keep the two apart.
+    flag is cleared so `save_pretrained`/reloads keep the two apart (loralab.lora.untie_weight).
     """
+    from loralab.lora import untie_weight
+
     if not is_head_tied(model):
         return False
-    out = model.get_output_embeddings()
-    out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=out.weight.requires_grad)
-    for cfg in {id(model.config): model.config,
-                id(model.config.get_text_config()): model.config.get_text_config()}.values():
-        cfg.tie_word_embeddings = False
-    return True
+    return untie_weight(model, model.get_output_embeddings())
 
 
 # ---------------------------------------------------------------- models

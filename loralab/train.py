@@ -52,6 +52,7 @@ from torch import nn
 from loralab import checkpoint as ckpt
 from loralab import measure
 from loralab.errors import UserError
+from loralab.models import task_head, untie_head
 
 METHODS = ("none", "full", "head", "lora", "lora-head", "qat-lora", "qlora", "lora-ptq")
 LORA_METHODS = ("lora", "lora-head", "qat-lora", "qlora", "lora-ptq")
@@ -311,33 +312,6 @@ def load_pieces(config: TrainConfig) -> tuple[Any, Any, float]:
     return loaded, data, time.perf_counter() - t0
 
 
-def task_head(model: nn.Module) -> nn.Module:
-    """The output head / classifier (loralab.models.task_head; the LoRA targets' head list as a
-    fallback)."""
-    try:
-        from loralab.models import task_head as _task_head
-    except ImportError:
-        _task_head = None
-    if _task_head is not None:
-        return _task_head(model)
-    from loralab.lora import head_modules
-
-    heads = head_modules(model)
-    if not heads:
-        raise UserError(f"no task head found in {type(model).__name__}")
-    return heads[-1][1]
-
-
-def untie_head(model: nn.Module) -> bool:
-    try:
-        from loralab.models import untie_head as _untie
-    except ImportError:
-        from loralab.lora import untie_weight
-
-        return untie_weight(model, task_head(model))
-    return _untie(model)
-
-
 def _lora_targets(preset: str) -> str | tuple[str, ...]:
     return tuple(p for p in preset.split(",") if p) if "," in preset else preset
 
@@ -503,34 +477,12 @@ def _autocast(config: TrainConfig, device: torch.device):
 # --- evaluation ---------------------------------------------------------------------------
 
 def classification_scores(preds: list[int], labels: list[int], num_labels: int) -> dict:
-    """Accuracy and precision/recall/F1 (binary for 2 classes, macro otherwise)."""
-    try:
-        from loralab import metrics as _metrics
+    """Accuracy and precision/recall/F1 (binary for 2 classes, macro otherwise) and the macro
+    averages, from loralab.metrics (equal to scikit-learn); the confusion matrix is dropped."""
+    from loralab.metrics import classification_metrics
 
-        fn = getattr(_metrics, "classification_metrics", None)
-    except ImportError:
-        fn = None
-    if fn is not None:
-        try:
-            return {k: float(v) for k, v in fn(labels, preds).items()
-                    if isinstance(v, (int, float))}
-        except TypeError:
-            pass
-    n = len(labels)
-    acc = sum(p == y for p, y in zip(preds, labels)) / max(1, n)
-    classes = [1] if num_labels == 2 else list(range(num_labels))
-    ps, rs, fs = [], [], []
-    for c in classes:
-        tp = sum(p == c and y == c for p, y in zip(preds, labels))
-        fp = sum(p == c and y != c for p, y in zip(preds, labels))
-        fn_ = sum(p != c and y == c for p, y in zip(preds, labels))
-        prec = tp / (tp + fp) if tp + fp else 0.0
-        rec = tp / (tp + fn_) if tp + fn_ else 0.0
-        ps.append(prec)
-        rs.append(rec)
-        fs.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
-    k = len(classes)
-    return {"accuracy": acc, "precision": sum(ps) / k, "recall": sum(rs) / k, "f1": sum(fs) / k}
+    scores = classification_metrics(labels, preds, labels=range(num_labels))
+    return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
 
 
 @torch.no_grad()
@@ -705,7 +657,8 @@ def _save_artifact(model: nn.Module, loaded: Any, config: TrainConfig, out: Path
     """Store what the run produced: the adapter (PEFT format), the head tensors, or the model."""
     artifacts = {"adapter": None, "model": None, "head": None}
     if config.method in LORA_METHODS:
-        save_adapter, _ = adapter_io()
+        from loralab.adapter import save_adapter
+
         artifacts["adapter"] = str(save_adapter(model, out / "adapter"))
     elif config.method == "head":
         from safetensors.torch import save_file
@@ -734,15 +687,6 @@ def _save_artifact(model: nn.Module, loaded: Any, config: TrainConfig, out: Path
         os.replace(tmp, out / "model")
         artifacts["model"] = str(out / "model")
     return artifacts
-
-
-def adapter_io():
-    """(save_adapter, load_adapter): PEFT-format adapter files (loralab.adapter)."""
-    try:
-        from loralab.adapter import load_adapter, save_adapter
-    except ImportError:
-        from loralab.lora import load_adapter, save_adapter
-    return save_adapter, load_adapter
 
 
 def _fault(name: str) -> int | None:
@@ -1190,7 +1134,8 @@ def evaluate_saved(*, run_dir: str | os.PathLike | None = None, model: str | Non
         loaded = load_model(model, task, num_labels=config.num_labels)
         net, tokenizer = loaded.model, loaded.tokenizer
         if adapter is not None:
-            _, load_adapter = adapter_io()
+            from loralab.adapter import load_adapter
+
             load_adapter(net, adapter)
     task_data = load_task_data(config.data, config.task, tokenizer, seq_len=config.seq_len,
                                seed=config.seed)
