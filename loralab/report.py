@@ -260,11 +260,15 @@ def cost_table(data: StudyData) -> Table:
 
 
 def runs_table(data: StudyData) -> Table:
+    """Every run with its status and the notes its training recorded (e.g. an lm_head untied
+    from the embeddings so that only the head trains, a classifier newly initialised)."""
     rows = []
     for r in data.rows:
+        notes = r.get("notes") or []
+        notes = "; ".join(notes) if isinstance(notes, list) else str(notes)
         rows.append([r["strategy"], str(r["seed"]), r["status"],
-                     (r.get("error") or "")[:120], str(r.get("run_dir") or "")])
-    return Table("Runs", ["strategy", "seed", "status", "error", "run dir"], rows)
+                     (r.get("error") or "")[:120], notes, str(r.get("run_dir") or "")])
+    return Table("Runs", ["strategy", "seed", "status", "error", "notes", "run dir"], rows)
 
 
 def text_table(t: Table) -> str:

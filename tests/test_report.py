@@ -52,7 +52,9 @@ def recorded_run(config: dict, resume: bool) -> dict:
             "curves": {"train_loss": [[1, 3.0], [2, 2.8], [3, 2.7]], "val_loss": [[3, 3.1]],
                        "lr": [[1, 1e-3]]},
             "artifacts": {"adapter": None, "model": None, "tensorboard": None},
-            "env": {"torch": "2.13.0", "device": "cpu"}, "notes": []}
+            "env": {"torch": "2.13.0", "device": "cpu"},
+            "notes": ["lm_head untied from the input embeddings so only the head trains"]
+            if config["method"] == "full" else []}
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +181,10 @@ def test_cli_report_and_runs(built, capsys):
     assert "rep/full/seed0" in out and "rep/lora-1" not in out
     with ResultsDB(built / "results.sqlite") as db:
         assert len(db.list_runs()) == 6
+
+
+def test_run_notes_are_in_the_report(built):
+    """What training recorded about a run (an untied lm_head) reaches the report."""
+    md = (built / "report.md").read_text()
+    assert "lm_head untied from the input embeddings" in md
+    assert "lm_head untied from the input embeddings" in (built / "report.html").read_text()
