@@ -89,11 +89,29 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, config: DecodeConfi
     return outputs
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[str], *,
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt the way `loralab.data` tokenises training text: no special
+    tokens, except a BOS first when the tokenizer normally adds one (Gemma: yes; GPT-2,
+    SmolLM2: no). An empty prompt becomes [BOS] (or [EOS]) so there is something to continue."""
+    ids = [list(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos]:
+        ids = [[bos] + x for x in ids]
+    start = bos if bos is not None else tokenizer.eos_token_id
+    return [x or [start] for x in ids]
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], *,
                    config: DecodeConfig = PAPER_BEAM, batch_size: int = 8) -> list[str]:
-    """Decode each prompt and return the continuation text (special tokens dropped, stripped)."""
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] or
-               [tokenizer.bos_token_id] for p in prompts]
+    """Decode each prompt and return the continuation text (special tokens dropped, stripped).
+
+    A prompt is a string (tokenised by `encode_prompts`) or a list of token ids (used as is:
+    e.g. the first tokens of a held-out block, with no decode/re-encode round trip)."""
+    encoded = [list(p) if not isinstance(p, str) else None for p in prompts]
+    texts = [p for p in prompts if isinstance(p, str)]
+    if texts:
+        it = iter(encode_prompts(tokenizer, texts))
+        encoded = [next(it) if e is None else e for e in encoded]
     ids = generate_ids(model, encoded, config=config, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]

@@ -578,7 +578,9 @@ def deploy(model: nn.Module, method: str, scheme: Scheme | str,
 
     method qat-lora: `model` has fake-quantized bases; unmerged = Q(W) + adapter (bases
     converted, adapters kept), merged = convert(merge) = Q(W + s B A).
-    method lora-ptq: `model` is float + LoRA; unmerged = Q(W) + adapter, merged = Q(W + s B A).
+    method lora-ptq: `model` is float + LoRA; unmerged = Q(W) + adapter, merged = Q(W + s B A);
+    the float merged model W + s B A (what PTQ starts from) is sized and timed with them, so
+    float+LoRA, PTQ-unmerged and PTQ-merged latencies come from the same interleaved rounds.
     method qlora: `model` already has quantized bases; unmerged is `model` itself, merged =
     Q(deq(Q(W)) + s B A), done in place (the adapters are folded into `model`).
     `evaluate_fn(model) -> {eval set: metrics}`; `batches` feed the logit drift and latency.
@@ -601,19 +603,24 @@ def deploy(model: nn.Module, method: str, scheme: Scheme | str,
     else:
         unmerged = copy.deepcopy(model)
         merged = merge_lora(copy.deepcopy(model))
+        float_merged = None
         if method == "qat-lora":
             convert_qat(unmerged, scheme)
             convert_qat(merged, scheme)
         elif method == "lora-ptq":
+            float_merged = merge_lora(copy.deepcopy(model)).eval()
             quantize_weights(unmerged, scheme)  # the bases under the adapters too
             quantize_weights(merged, scheme)
         else:
             raise UserError(f"deploy: unknown method {method!r}; use qat-lora, lora-ptq or qlora")
         unmerged_metrics = evaluate_fn(unmerged)
         unmerged_logits = collect_logits(unmerged, batches)
-        times = latency({"merged": merged, "unmerged": unmerged}, batches[0],
-                        repeats=latency_repeats) if batches and latency_repeats else {}
-        del unmerged
+        timed = {"merged": merged, "unmerged": unmerged}
+        if float_merged is not None:
+            timed["float"] = float_merged
+        times = latency(timed, batches[0], repeats=latency_repeats) \
+            if batches and latency_repeats else {}
+        del unmerged, timed
     merged_metrics = evaluate_fn(merged)
     info: dict[str, Any] = {
         "scheme": scheme.name, "scheme_note": scheme.note,
@@ -628,6 +635,9 @@ def deploy(model: nn.Module, method: str, scheme: Scheme | str,
     }
     if adapter_metrics is not None and method != "qlora":
         info["adapter_metrics"] = adapter_metrics  # fake-quant (qat-lora) or float (lora-ptq)
+    if method == "lora-ptq":
+        info["float_model_bytes"] = disk_bytes(float_merged)  # the merged fp32 model
+        del float_merged
     if times:
         info["latency"] = times
     return Deployment(merged, merged_metrics, info)

@@ -46,6 +46,12 @@ COST_COLUMNS = (
 )
 
 
+# Training costs an untuned row (method none) has no business reporting: it trains nothing, so
+# its train time, throughput and sampled peak memory are noise. Shown as NOT_TRAINED.
+TRAINING_COSTS = ("artifact_bytes", "train_seconds", "tokens_per_second", "peak_memory_bytes")
+NOT_TRAINED = "—"
+QUANT_METHODS = ("qat-lora", "qlora", "lora-ptq")
+
 # Bookkeeping numbers in a metrics dict that are not quality (how many targets were scored).
 COUNT_KEYS = ("targets", "examples", "num_examples", "generated")
 
@@ -243,6 +249,9 @@ def cost_table(data: StudyData) -> Table:
     for s in data.strategies:
         cells = [s.name, s.method or "–"]
         for key, _, scale, kind in COST_COLUMNS:
+            if s.method == "none" and key in TRAINING_COSTS:
+                cells.append(NOT_TRAINED)
+                continue
             st = s.costs.get(key)
             cells.append(fmt_stat(Stat([v * scale for v in st.values]) if st else None, kind))
         rows.append(cells)
@@ -256,7 +265,137 @@ def cost_table(data: StudyData) -> Table:
     return Table("Cost per strategy", header, rows, set(), italic,
                  "Peak memory is the growth of the process's resident memory during training (see the "
                  "run records for tensor-level peaks); adapter/model MB is the size on disk of "
-                 "what the run saved.")
+                 f"what the run saved. {NOT_TRAINED} = not trained (the untuned model): no "
+                 "training cost to measure.")
+
+
+def _dig(obj: Any, *path: str) -> float | None:
+    """obj[path[0]][path[1]]... as a number, None when any step is missing."""
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return _num(obj)
+
+
+def _quant_stat(s: StrategyResult, *path: str, scale: float = 1.0) -> Stat | None:
+    """A number of the runs' "quant" sections aggregated over seeds (None if no run has it)."""
+    values = [v * scale for r in s.runs if (v := _dig(r.get("quant"), *path)) is not None]
+    return Stat(values) if values else None
+
+
+def quant_strategies(data: StudyData) -> list[StrategyResult]:
+    """Strategies whose finished runs carry a quantization section (qat-lora, qlora, lora-ptq)."""
+    return [s for s in data.strategies if any(isinstance(r.get("quant"), dict) for r in s.runs)]
+
+
+def _quant_metrics(data: StudyData) -> list[tuple[str, str]]:
+    """(eval set, metric) pairs the quantization tables show: each eval set's primary metric,
+    plus accuracy when that is not the primary one."""
+    out = []
+    for e in data.eval_sets:
+        prim = _primary_metric(data, e)
+        for m in (prim, "accuracy"):
+            if m and m in data.metrics.get(e, []) and (e, m) not in out:
+                out.append((e, m))
+    return out
+
+
+def _scheme(s: StrategyResult) -> str:
+    names = sorted({str(r["quant"].get("scheme")) for r in s.runs if isinstance(r.get("quant"),
+                                                                                  dict)})
+    return ", ".join(names) or "–"
+
+
+def quant_table(data: StudyData) -> Table | None:
+    """Quantized strategies: sizes, latency and the drift of merging the adapter into the
+    quantized model (merged Q(W + s B A) vs unmerged Q(W) + s B A), from each run's "quant"
+    section as quant.py measured it. None when no run has one."""
+    qs = quant_strategies(data)
+    if not qs:
+        return None
+    pairs = _quant_metrics(data)
+    header = ["strategy", "method", "scheme", "float MB (fp32 weights)", "quantized MB (disk)",
+              "latency unmerged (ms)", "latency merged (ms)", "logit drift (max abs)",
+              "logit drift mean KL", "top-1 agreement"]
+    header += [f"Δ {m} merged−unmerged ({e})" for e, m in pairs]
+    rows = []
+    for s in qs:
+        rows.append([s.name, s.method or "–", _scheme(s)] + [fmt_stat(st) for st in (
+            _quant_stat(s, "float_weight_bytes", scale=1e-6),
+            _quant_stat(s, "quantized_model_bytes", scale=1e-6),
+            _quant_stat(s, "latency", "unmerged", "median_ms"),
+            _quant_stat(s, "latency", "merged", "median_ms"),
+            _quant_stat(s, "merge_logit_drift", "max_abs"),
+            _quant_stat(s, "merge_logit_drift", "mean_kl"),
+            _quant_stat(s, "merge_logit_drift", "top1_agreement"),
+            *(_quant_stat(s, "merge_metric_drift", e, m) for e, m in pairs))])
+    return Table("Quantization: size, latency and merge drift", header, rows, set(), set(),
+                 "Float MB = 4 bytes x logical parameters; quantized MB = the merged quantized "
+                 "model as saved (quantized/model.pt, torch.save state dict). Latency: median "
+                 "forward pass over one validation batch, merged and unmerged timed "
+                 "interleaved in the same run. Merge drift compares the deployed merged model "
+                 "Q(W + s B A) with the unmerged Q(W) + s B A (logits on up to 4 validation "
+                 "batches; Δ metric = merged − unmerged on the eval set).")
+
+
+def deploy_table(data: StudyData) -> Table | None:
+    """The deployment comparison: quality, size on disk and latency of the float LoRA model
+    (merged fp32, measured in lora-ptq runs), its post-training quantization, QAT-LoRA and the
+    QLoRA model merged into its quantized base, side by side. None without quantized runs."""
+    qs = quant_strategies(data)
+    if not qs:
+        return None
+    pairs = _quant_metrics(data)
+    header = ["deployed model", "strategy", "scheme"] + [f"{m} ({e})" for e, m in pairs] + [
+        "model MB (disk)", "latency (ms)"]
+    rows: list[list[str]] = []
+    stats: list[list[Stat | None]] = []
+
+    def add(label: str, s: StrategyResult, scheme: str, quality: list[Stat | None],
+            size: Stat | None, lat: Stat | None) -> None:
+        rows.append([label, s.name, scheme] + [fmt_stat(q) for q in quality]
+                    + [fmt_stat(size), fmt_stat(lat)])
+        stats.append(quality + [size, lat])
+
+    run_metric = lambda s, e, m: s.metrics.get(e, {}).get(m)  # noqa: E731
+    for s in qs:
+        if s.method == "lora-ptq":
+            add("float + LoRA (merged, fp32)", s, "fp32",
+                [_quant_stat(s, "adapter_metrics", e, m) for e, m in pairs],
+                _quant_stat(s, "float_model_bytes", scale=1e-6),
+                _quant_stat(s, "latency", "float", "median_ms"))
+            add("PTQ of float + LoRA (merged)", s, _scheme(s),
+                [run_metric(s, e, m) for e, m in pairs],
+                _quant_stat(s, "quantized_model_bytes", scale=1e-6),
+                _quant_stat(s, "latency", "merged", "median_ms"))
+        elif s.method == "qat-lora":
+            add("QAT-LoRA (merged, converted)", s, _scheme(s),
+                [run_metric(s, e, m) for e, m in pairs],
+                _quant_stat(s, "quantized_model_bytes", scale=1e-6),
+                _quant_stat(s, "latency", "merged", "median_ms"))
+        else:  # qlora: trained on the quantized base; served unmerged or merged
+            add("QLoRA (quantized base + float adapter)", s, _scheme(s),
+                [run_metric(s, e, m) for e, m in pairs], None,
+                _quant_stat(s, "latency", "unmerged", "median_ms"))
+            add("QLoRA merged into the quantized base", s, _scheme(s),
+                [_quant_stat(s, "merged_metrics", e, m) for e, m in pairs],
+                _quant_stat(s, "quantized_model_bytes", scale=1e-6),
+                _quant_stat(s, "latency", "merged", "median_ms"))
+    bold = set()
+    n_q = len(pairs)
+    for j in range(n_q + 2):
+        col = [(i, st[j].mean) for i, st in enumerate(stats) if st[j] is not None]
+        if len(col) > 1:
+            lower = j >= n_q or lower_is_better(pairs[j][1])
+            best = (min if lower else max)(v for _, v in col)
+            bold |= {(i, 3 + j) for i, v in col if v == best}
+    return Table("Deployment: quality, size on disk and latency", header, rows, bold, set(),
+                 "The float + LoRA row is the lora-ptq run's model before quantization (LoRA "
+                 "trained in float, merged), sized and timed in the same interleaved rounds "
+                 "as its PTQ; QAT-LoRA and QLoRA rows come from their own runs, timed at other "
+                 "moments of a shared machine, so compare their latencies loosely. Best value "
+                 "per column in bold (smaller is better for size and latency).")
 
 
 def runs_table(data: StudyData) -> Table:
@@ -315,8 +454,14 @@ def html_table(t: Table) -> str:
             "</tr></thead><tbody>" + "".join(body) + f"</tbody></table></div>{note}")
 
 
+def quant_tables(data: StudyData) -> list[Table]:
+    """The deployment comparison and the quantization details (empty without quantized runs)."""
+    return [t for t in (deploy_table(data), quant_table(data)) if t is not None]
+
+
 def terminal_report(data: StudyData) -> str:
     parts = [text_table(t) for t in quality_tables(data)] + [text_table(cost_table(data))]
+    parts += [text_table(t) for t in quant_tables(data)]
     bad = [r for r in data.rows if r["status"] != "finished"]
     if bad:
         parts.append(text_table(Table("Unfinished runs", ["strategy", "seed", "status", "error"],
@@ -356,7 +501,8 @@ def make_plots(data: StudyData) -> dict[str, bytes]:
         plots[key] = buf.getvalue()
 
     def bar(key: str, cost: str, scale: float, xlabel: str, log: bool = False) -> None:
-        items = [(s.name, s.costs[cost]) for s in data.strategies if cost in s.costs]
+        items = [(s.name, s.costs[cost]) for s in data.strategies if cost in s.costs
+                 and not (s.method == "none" and cost in TRAINING_COSTS)]
         if not items:
             return
         fig, ax = plt.subplots(figsize=(7, 0.45 * len(items) + 1.4))
@@ -486,8 +632,14 @@ def csv_rows(data: StudyData) -> tuple[list[str], list[dict[str, Any]]]:
         for k in (r.get("costs") or {}):
             if k not in cost_keys:
                 cost_keys.append(k)
+    quant_keys: list[str] = []
+    for r in data.rows:
+        for k in _flatten(r.get("quant")):
+            if k not in quant_keys:
+                quant_keys.append(k)
     header = (["study", "strategy", "method", "seed", "status", "run_id"] + metric_cols
-              + [f"cost/{k}" for k in cost_keys] + ["run_dir", "adapter", "model", "error"])
+              + [f"cost/{k}" for k in cost_keys] + [f"quant/{k}" for k in quant_keys]
+              + ["run_dir", "adapter", "model", "error"])
     out = []
     for r in data.rows:
         cfg = (r.get("config") or {}).get("study") or {}
@@ -500,10 +652,28 @@ def csv_rows(data: StudyData) -> tuple[list[str], list[dict[str, Any]]]:
                     row[f"{e}/{m}"] = v
         for k, v in (r.get("costs") or {}).items():
             row[f"cost/{k}"] = v
+        for k, v in _flatten(r.get("quant")).items():
+            row[f"quant/{k}"] = v
         arts = r.get("artifacts") or {}
         row["adapter"], row["model"] = arts.get("adapter") or "", arts.get("model") or ""
         out.append(row)
     return header, out
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A run's "quant" section as flat CSV columns: nested keys joined by "/" (e.g.
+    `latency/merged/median_ms`, `merge_metric_drift/<eval set>/f1`); numbers and the scheme
+    name only (paths and notes stay in the run record)."""
+    out: dict[str, Any] = {}
+    if not isinstance(obj, dict):
+        return out
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif _num(v) is not None or key == "scheme":
+            out[key] = v
+    return out
 
 
 def write_report(out_dir: str | Path, *, study: str | None = None,
@@ -541,6 +711,7 @@ def _write_one(data: StudyData, out_dir: Path, suffix: str) -> list[Path]:
         written.append(p)
 
     qual, cost, runs = quality_tables(data), cost_table(data), runs_table(data)
+    quant_tabs = quant_tables(data)
     env = environment(data)
     config_yaml = yaml.safe_dump(data.config, sort_keys=False, allow_unicode=True) \
         if data.config else "(no study config stored)\n"
@@ -563,7 +734,10 @@ def _write_one(data: StudyData, out_dir: Path, suffix: str) -> list[Path]:
         md += [desc, ""]
     md += [setup + ".", "", summary, "", "## Quality", ""]
     md += [md_table(t) + "\n" for t in qual] or ["(no finished runs with metrics)\n"]
-    md += ["## Cost", "", md_table(cost), "", "## Plots", ""]
+    md += ["## Cost", "", md_table(cost), ""]
+    if quant_tabs:
+        md += ["## Quantization", ""] + [md_table(t) + "\n" for t in quant_tabs]
+    md += ["## Plots", ""]
     md += [f"![{PLOT_TITLES[k]}](plots{suffix}/{k}.png)\n" for k in plots]
     md += ["## Runs", "", md_table(runs), "", "## Study configuration", "", "```yaml",
            config_yaml.rstrip(), "```", "", "## Environment", "", "```json",
@@ -582,7 +756,10 @@ def _write_one(data: StudyData, out_dir: Path, suffix: str) -> list[Path]:
         body.append(f"<p>{html.escape(desc)}</p>")
     body += [f"<p>{_code_html(setup)}.</p>", f"<p>{html.escape(summary)}</p>", "<h2>Quality</h2>"]
     body += [html_table(t) for t in qual] or ["<p>(no finished runs with metrics)</p>"]
-    body += ["<h2>Cost</h2>", html_table(cost), "<h2>Plots</h2>", imgs, "<h2>Runs</h2>",
+    body += ["<h2>Cost</h2>", html_table(cost)]
+    if quant_tabs:
+        body += ["<h2>Quantization</h2>"] + [html_table(t) for t in quant_tabs]
+    body += ["<h2>Plots</h2>", imgs, "<h2>Runs</h2>",
              html_table(runs), "<h2>Study configuration</h2>",
              f"<pre>{html.escape(config_yaml)}</pre>", "<h2>Environment</h2>",
              f"<pre>{html.escape(json.dumps(env, indent=2, default=str))}</pre>"]

@@ -8,8 +8,10 @@ transaction; nothing holds the lock while training.
 
 Schema (JSON columns hold the run record's parts, see notes/interfaces.md):
     runs(run_id PK, study, strategy, seed, status, config_hash, config, metrics, costs, curves,
-         artifacts, env, notes, run_dir, error, traceback, created_at, started_at, finished_at,
-         updated_at)
+         artifacts, env, notes, quant, run_dir, error, traceback, created_at, started_at,
+         finished_at, updated_at)
+    (`quant`: the record's quantization section of qat-lora / qlora / lora-ptq runs, NULL
+    otherwise; added in schema version 2, older databases get the column on open.)
     studies(name PK, config, path, updated_at)
 """
 
@@ -23,10 +25,10 @@ from typing import Any
 
 from loralab.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "results.sqlite"
 STATUSES = ("pending", "running", "finished", "failed", "interrupted")
-_JSON_COLUMNS = ("config", "metrics", "costs", "curves", "artifacts", "env", "notes")
+_JSON_COLUMNS = ("config", "metrics", "costs", "curves", "artifacts", "env", "notes", "quant")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -43,6 +45,7 @@ CREATE TABLE IF NOT EXISTS runs (
     artifacts   TEXT,
     env         TEXT,
     notes       TEXT,
+    quant       TEXT,
     run_dir     TEXT,
     error       TEXT,
     traceback   TEXT,
@@ -87,6 +90,9 @@ class ResultsDB:
         with self.transaction():
             for stmt in filter(str.strip, _SCHEMA.split(";")):
                 self.conn.execute(stmt)
+            cols = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}
+            if "quant" not in cols:  # a version-1 database: add the column, keep every row
+                self.conn.execute("ALTER TABLE runs ADD COLUMN quant TEXT")
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- plumbing
@@ -141,17 +147,19 @@ class ResultsDB:
         with self.transaction():
             self.conn.execute(
                 "INSERT INTO runs(run_id, study, strategy, seed, status, config_hash, config, "
-                "metrics, costs, curves, artifacts, env, notes, run_dir, created_at, finished_at,"
-                " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "metrics, costs, curves, artifacts, env, notes, quant, run_dir, created_at, "
+                "finished_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(run_id) DO UPDATE SET status=excluded.status, "
                 "config_hash=excluded.config_hash, config=excluded.config, "
                 "metrics=excluded.metrics, costs=excluded.costs, curves=excluded.curves, "
                 "artifacts=excluded.artifacts, env=excluded.env, notes=excluded.notes, "
+                "quant=excluded.quant, "
                 "run_dir=excluded.run_dir, finished_at=excluded.finished_at, error=NULL, "
                 "traceback=NULL, updated_at=excluded.updated_at",
                 (spec.run_id, study, spec.strategy, spec.seed, status, spec.config_hash,
                  values["config"], values["metrics"], values["costs"], values["curves"],
-                 values["artifacts"], values["env"], values["notes"], str(spec.run_dir), now,
+                 values["artifacts"], values["env"], values["notes"], values["quant"],
+                 str(spec.run_dir), now,
                  now if status == "finished" else None, now))
 
     def set_status(self, run_id: str, status: str, *, error: str | None = None,

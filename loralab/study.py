@@ -659,17 +659,13 @@ def default_run_fn(config: dict[str, Any], resume: bool) -> dict[str, Any]:
     return record
 
 
-def generation_scores(model, tokenizer, task_data, ev: dict[str, Any], config: dict[str, Any]
-                      ) -> dict[str, float]:
-    """Decode the eval set's prompts and score them against its references with the E2E
-    scorers (loralab.e2e_metrics): mteval BLEU/NIST, METEOR, ROUGE_L, CIDEr (when Java is
-    installed), sacreBLEU, chrF, TER, ROUGE-1/2/L."""
-    import shutil
+def generation_prompts(tokenizer, task_data, ev: dict[str, Any], config: dict[str, Any]
+                       ) -> list[tuple[str | list[int], list[str]]]:
+    """(prompt, references) pairs of an eval set, at most max_examples of them.
 
-    import torch
-
-    from loralab import e2e_metrics
-
+    task `generate`: the split's distinct sources in the training format ("source =") with all
+    their references. Other tasks: held-out blocks, the first `prompt_tokens` token ids as the
+    prompt (ids, not text: no decode/re-encode round trip) and the rest decoded as reference."""
     gen = ev.get("generate") or {}
     n = gen.get("max_examples") or ev.get("max_examples") or 50
     if config["task"] == "generate":
@@ -677,33 +673,57 @@ def generation_scores(model, tokenizer, task_data, ev: dict[str, Any], config: d
             raise UserError(f"eval set '{ev['name']}' has no references to score generations "
                             "against; remove 'generate' from it")
         split = ev.get("split") or "test"
-        pairs = task_data.references(split if split in task_data.refs else next(iter(
-            task_data.refs)))
-        pairs = pairs[:n]
-    else:  # continuations of held-out text
-        k = int(gen.get("prompt_tokens") or 32)
-        rows = task_data.splits[ev["name"]]
-        pairs = []
-        for ids in rows["input_ids"][:n]:
-            if len(ids) > k + 4:
-                pairs.append((tokenizer.decode(ids[:k]), [tokenizer.decode(ids[k:])]))
+        return list(task_data.references(split if split in task_data.refs else next(iter(
+            task_data.refs))))[:n]
+    k = int(gen.get("prompt_tokens") or 32)
+    pairs: list[tuple[str | list[int], list[str]]] = []
+    for ids in task_data.splits[ev["name"]]["input_ids"][:n]:
+        if len(ids) > k + 4:
+            pairs.append((list(ids[:k]), [tokenizer.decode(ids[k:])]))
+    return pairs
+
+
+def decode_config(gen: dict[str, Any]):
+    """The study's `generate:` options as a `loralab.decode.DecodeConfig`. Defaults are greedy
+    (beam 1, length penalty 1, no n-gram blocking, 48 new tokens); a study that wants the LoRA
+    paper's beam search says so (num_beams: 10, length_penalty: 0.8, no_repeat_ngram_size: 4)."""
+    from loralab.decode import DecodeConfig
+
+    return DecodeConfig(num_beams=int(gen.get("num_beams") or 1),
+                        length_penalty=float(gen.get("length_penalty", 1.0)),
+                        no_repeat_ngram_size=int(gen.get("no_repeat_ngram_size") or 0),
+                        max_new_tokens=int(gen.get("max_new_tokens") or 48))
+
+
+def generate_hypotheses(model, tokenizer, prompts: list[str | list[int]], task: str,
+                        gen: dict[str, Any], *, batch_size: int = 8) -> list[str]:
+    """Decode the prompts with `loralab.decode.generate_texts` (left-padded batches, stop at
+    EOS; batched decoding gives the same tokens as one prompt at a time). For `generate` the
+    hypothesis is the first line of the output (one sentence per MR, as the E2E scripts read
+    it)."""
+    from loralab.decode import generate_texts
+
+    texts = generate_texts(model, tokenizer, prompts, config=decode_config(gen),
+                           batch_size=batch_size)
+    if task == "generate":
+        texts = [t.split("\n")[0].strip() for t in texts]
+    return texts
+
+
+def generation_scores(model, tokenizer, task_data, ev: dict[str, Any], config: dict[str, Any]
+                      ) -> dict[str, float]:
+    """Decode the eval set's prompts and score them against its references with the E2E
+    scorers (loralab.e2e_metrics): mteval BLEU/NIST, METEOR, ROUGE_L, CIDEr (when Java is
+    installed), sacreBLEU, chrF, TER, ROUGE-1/2/L."""
+    import shutil
+
+    from loralab import e2e_metrics
+
+    gen = ev.get("generate") or {}
+    pairs = generation_prompts(tokenizer, task_data, ev, config)
     if not pairs:
         raise UserError(f"eval set '{ev['name']}': no examples to generate from")
-    max_new = int(gen.get("max_new_tokens") or 48)
-    beams = int(gen.get("num_beams") or 1)
-    model.eval()
-    hyps = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        for prompt, _ in pairs:
-            enc = tokenizer(prompt, return_tensors="pt")
-            out = model.generate(**enc, max_new_tokens=max_new, num_beams=beams, do_sample=False,
-                                 length_penalty=float(gen.get("length_penalty", 1.0)),
-                                 no_repeat_ngram_size=int(gen.get("no_repeat_ngram_size") or 0),
-                                 pad_token_id=pad)
-            text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            hyps.append(text.strip().split("\n")[0] if config["task"] == "generate"
-                        else text.strip())
+    hyps = generate_hypotheses(model, tokenizer, [p for p, _ in pairs], config["task"], gen)
     java = bool(gen.get("java", True)) and shutil.which("java") is not None
     refs = [r for _, r in pairs]
     hyps = [h if h.strip() else "." for h in hyps]  # an empty output still counts, as a miss

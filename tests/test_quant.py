@@ -280,7 +280,9 @@ def test_deploy_lora_ptq_measures_merged_vs_unmerged():
     assert drift == pytest.approx(dep.metrics["validation"]["loss"]
                                   - dep.info["unmerged_metrics"]["validation"]["loss"])
     assert dep.info["merge_logit_drift"]["max_abs"] > 0
-    assert set(dep.info["latency"]) == {"merged", "unmerged"}
+    # the float merged model PTQ starts from is timed in the same rounds and sized on disk
+    assert set(dep.info["latency"]) == {"merged", "unmerged", "float"}
+    assert dep.info["float_model_bytes"] > dep.info["merged_model_bytes"]
 
 
 # --- what this machine cannot do ----------------------------------------------------------

@@ -188,3 +188,141 @@ def test_run_notes_are_in_the_report(built):
     md = (built / "report.md").read_text()
     assert "lm_head untied from the input embeddings" in md
     assert "lm_head untied from the input embeddings" in (built / "report.html").read_text()
+
+
+def test_untuned_row_has_no_training_costs(built):
+    """The untuned model trains nothing: its train time, tokens/s, peak memory and adapter size
+    are "not trained", not a sampled number; the trainable-parameter count (0) stays."""
+    md = (built / "report.md").read_text()
+    cost = md.split("### Cost per strategy")[1].split("##")[0]
+    row = next(line for line in cost.splitlines() if line.startswith("| untuned |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["untuned", "none", "0", "0%"]
+    assert cells[4:] == [report.NOT_TRAINED] * 4
+    assert "not trained" in cost
+    # the training-cost bar charts leave the untuned row out
+    data = report.load(built)[0]
+    assert "## Quantization" not in md and report.quant_tables(data) == []
+
+
+# ----------------------------------------------------------------------------- quantization
+QSTUDY = """\
+name: q
+model: tiny
+task: classify
+data: rt-snippets
+eval: [rt-snippets]
+budget: {max_steps: 3, batch_size: 2, seq_len: 16, lr: 1.0e-3}
+seeds: 2
+strategies:
+  - {name: lora, method: lora, rank: 4}
+  - {name: ptq, method: lora-ptq, rank: 4, options: {quant: int8}}
+  - {name: qat, method: qat-lora, rank: 4, options: {quant: int8}}
+  - {name: qlora-nf4, method: qlora, rank: 4, options: {quant: nf4}}
+"""
+
+
+def quant_record(config: dict, resume: bool) -> dict:
+    """A run record with the "quant" section train.py/quant.finish_run writes, numbers made up
+    per (strategy, seed) so every cell is traceable to one field."""
+    method, seed = config["method"], config["seed"]
+    k = {"none": 0, "lora": 1, "lora-ptq": 2, "qat-lora": 3, "qlora": 4}[method]
+    rec = recorded_run({**config, "method": "lora", "strategy": "lora-1"}, resume)
+    rec["metrics"] = {"rt-snippets": {"loss": 0.5, "accuracy": 0.6 + 0.01 * k + 0.001 * seed,
+                                      "f1": 0.5 + 0.01 * k + 0.002 * seed, "targets": 8}}
+    if method in ("lora-ptq", "qat-lora", "qlora"):
+        m = lambda d: {"rt-snippets": {"accuracy": 0.6 + d, "f1": 0.5 + d}}  # noqa: E731
+        rec["quant"] = {
+            "scheme": "nf4" if method == "qlora" else "int8", "scheme_note": "x",
+            "float_weight_bytes": 4_000_000, "quantized_model_bytes": 1_000_000 * k + seed,
+            "merged_model_bytes": 1_000_000 * k, "quantized_model": "/x/model.pt",
+            "latency": {"merged": {"median_ms": 10.0 * k + seed, "min_ms": 1, "max_ms": 99},
+                        "unmerged": {"median_ms": 11.0 * k, "min_ms": 1, "max_ms": 99}},
+            "merge_logit_drift": {"max_abs": 0.001 * k, "mean_abs": 0.0001, "rel_mean_abs": 0.1,
+                                  "mean_kl": 1e-6 * k, "top1_agreement": 1.0 - 0.01 * seed},
+            "merge_metric_drift": {"rt-snippets": {"accuracy": -0.004 * k, "f1": 0.002 * k}},
+            "unmerged_metrics": m(0.02), "merged_metrics": m(0.03),
+        }
+        if method == "lora-ptq":
+            rec["quant"]["adapter_metrics"] = m(0.05)
+            rec["quant"]["float_model_bytes"] = 4_100_000
+            rec["quant"]["latency"]["float"] = {"median_ms": 5.0 + seed, "min_ms": 1,
+                                                "max_ms": 99}
+    return rec
+
+
+@pytest.fixture(scope="module")
+def qbuilt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("q")
+    study.run_study(study.parse_study(QSTUDY), out, run_fn=quant_record, progress=lambda m: None)
+    report.write_report(out)
+    return out
+
+
+def _md_rows(md: str, title: str) -> dict[str, list[str]]:
+    part = md.split(f"### {title}")[1].split("###")[0].split("\n## ")[0]
+    lines = [ln for ln in part.splitlines() if ln.startswith("|")]
+    return {"header": [c.strip() for c in lines[0].strip("|").split("|")],
+            **{f"{i}": [c.strip() for c in ln.strip("|").split("|")]
+               for i, ln in enumerate(lines[2:])}}
+
+
+def test_quant_table_sizes_latency_and_drift(qbuilt):
+    md = (qbuilt / "report.md").read_text()
+    assert "## Quantization" in md
+    t = _md_rows(md, "Quantization: size, latency and merge drift")
+    rows = {r[0]: dict(zip(t["header"], r)) for k, r in t.items() if k != "header"}
+    assert set(rows) == {"ptq", "qat", "qlora-nf4"}  # float lora and untuned have no section
+    ptq = rows["ptq"]
+    assert ptq["method"] == "lora-ptq" and ptq["scheme"] == "int8"
+    assert ptq["float MB (fp32 weights)"] == "4"
+    mb = [2.0, 2.000001]
+    assert ptq["quantized MB (disk)"] == report.fmt_stat(report.Stat(mb))
+    assert ptq["latency merged (ms)"] == f"20.5 ± {report.fmt_value(statistics.stdev([20, 21]))}"
+    assert ptq["latency unmerged (ms)"] == "22"
+    assert ptq["logit drift (max abs)"] == "0.002"
+    assert ptq["Δ f1 merged−unmerged (rt-snippets)"] == "0.004"
+    assert ptq["Δ accuracy merged−unmerged (rt-snippets)"] == "-0.008"
+    assert rows["qlora-nf4"]["scheme"] == "nf4"
+
+
+def test_deploy_table_puts_float_ptq_qat_side_by_side(qbuilt):
+    md = (qbuilt / "report.md").read_text()
+    t = _md_rows(md, "Deployment: quality, size on disk and latency")
+    assert t["header"] == ["deployed model", "strategy", "scheme", "f1 (rt-snippets)",
+                           "accuracy (rt-snippets)", "model MB (disk)", "latency (ms)"]
+    body = [r for k, r in t.items() if k != "header"]
+    labels = [r[0].strip("*") for r in body]
+    assert labels == ["float + LoRA (merged, fp32)", "PTQ of float + LoRA (merged)",
+                      "QAT-LoRA (merged, converted)", "QLoRA (quantized base + float adapter)",
+                      "QLoRA merged into the quantized base"]
+    plain = [[c.strip("*") for c in r] for r in body]
+    flt, ptq, qat = plain[0], plain[1], plain[2]
+    # the float row: the lora-ptq run's float adapter metrics, fp32 model size, float latency
+    assert flt[3] == "0.55" and flt[5] == "4.1" and flt[6].startswith("5.5 ±")
+    # PTQ and QAT: the runs' own (merged, quantized) metrics, their quantized size and latency
+    f1 = lambda k: report.fmt_stat(report.Stat([0.5 + 0.01 * k, 0.502 + 0.01 * k]))  # noqa
+    assert ptq[3] == f1(2) and qat[3] == f1(3) and qat[5].startswith("3 ±")
+    assert plain[3][5] == "–"  # QLoRA served unmerged: no merged model file of its own
+    # best per column in bold: highest f1 (the float row), smallest size, lowest latency
+    table = report.deploy_table(report.load(qbuilt)[0])
+    assert (0, 3) in table.bold and (0, 6) in table.bold and (1, 5) in table.bold
+    assert (2, 3) not in table.bold and (0, 5) not in table.bold
+    assert body[0][3] == "**0.55**"
+
+
+def test_quant_in_csv_and_html(qbuilt):
+    rows = list(csv.DictReader((qbuilt / "results.csv").open()))
+    by = {(r["strategy"], int(r["seed"])): r for r in rows}
+    assert by[("ptq", 1)]["quant/scheme"] == "int8"
+    assert int(by[("ptq", 1)]["quant/quantized_model_bytes"]) == 2_000_001
+    assert float(by[("qat", 0)]["quant/latency/merged/median_ms"]) == 30.0
+    assert float(by[("ptq", 0)]["quant/latency/float/median_ms"]) == 5.0
+    assert float(by[("qat", 0)]["quant/merge_metric_drift/rt-snippets/f1"]) == pytest.approx(0.006)
+    assert float(by[("ptq", 0)]["quant/float_model_bytes"]) == 4_100_000
+    assert by[("lora", 0)]["quant/scheme"] == "" and "quant/quantized_model" not in rows[0]
+    page = (qbuilt / "report.html").read_text()
+    assert "<h2>Quantization</h2>" in page and "Deployment: quality, size on disk" in page
+    assert page.count("<table>") == 5  # quality, cost, deployment, quantization, runs
+    text = report.terminal_report(report.load(qbuilt)[0])
+    assert "Deployment: quality, size on disk and latency" in text

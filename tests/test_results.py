@@ -117,3 +117,31 @@ def test_killed_writer_leaves_committed_state(tmp_path):
     with ResultsDB(path) as db:
         assert db.get("st/a/seed0")["status"] == "running"
         assert db.integrity_ok()
+
+
+def test_quant_section_round_trips_and_old_databases_gain_the_column(tmp_path):
+    """A qat-lora/qlora/lora-ptq record's "quant" section is stored; a run without one reads
+    back None; a schema-1 database (no quant column) opens, keeps its rows and gains it."""
+    path = tmp_path / "results.sqlite"
+    conn = sqlite3.connect(path)  # a version-1 database, as loralab wrote it before
+    conn.executescript("""
+        CREATE TABLE runs (run_id TEXT PRIMARY KEY, study TEXT NOT NULL, strategy TEXT NOT NULL,
+            seed INTEGER NOT NULL, status TEXT NOT NULL, config_hash TEXT, config TEXT,
+            metrics TEXT, costs TEXT, curves TEXT, artifacts TEXT, env TEXT, notes TEXT,
+            run_dir TEXT, error TEXT, traceback TEXT, created_at REAL NOT NULL, started_at REAL,
+            finished_at REAL, updated_at REAL NOT NULL);
+        INSERT INTO runs(run_id, study, strategy, seed, status, metrics, created_at, updated_at)
+            VALUES ('st/old/seed0', 'st', 'old', 0, 'finished', '{"v": {"loss": 1.0}}', 1, 1);
+        PRAGMA user_version = 1;""")
+    conn.close()
+    quant = {"scheme": "int8", "quantized_model_bytes": 123,
+             "merge_logit_drift": {"max_abs": 0.01}, "latency": {"merged": {"median_ms": 2.0}}}
+    with ResultsDB(path) as db:
+        assert db.get("st/old/seed0")["metrics"] == {"v": {"loss": 1.0}}
+        assert db.get("st/old/seed0")["quant"] is None
+        db.record_run(spec("st", "qat", 0, tmp_path), {**record(0), "quant": quant}, study="st")
+        db.record_run(spec("st", "lora", 0, tmp_path), record(0), study="st")
+        assert db.get("st/qat/seed0")["quant"] == quant
+        assert db.get("st/lora/seed0")["quant"] is None
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.integrity_ok()
