@@ -112,11 +112,16 @@ CHECK_JS = """(() => {
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/system-deps.sh)")
-def test_report_renders_in_headless_chromium(tmp_path):
-    from test_report import STUDY, recorded_run
+@pytest.mark.parametrize("which", ["plain", "quant"])
+def test_report_renders_in_headless_chromium(tmp_path, which):
+    import test_report
 
+    text, run_fn, title, n_tables = (
+        (test_report.STUDY, test_report.recorded_run, "rep", 4) if which == "plain" else
+        # quality, cost, deployment (float/PTQ/QAT/QLoRA), quantization details, runs
+        (test_report.QSTUDY, test_report.quant_record, "q", 5))
     out = tmp_path / "study"
-    study.run_study(study.parse_study(STUDY), out, run_fn=recorded_run, progress=lambda m: None)
+    study.run_study(study.parse_study(text), out, run_fn=run_fn, progress=lambda m: None)
     report.write_report(out)
     page = (out / "report.html").resolve()
 
@@ -135,13 +140,13 @@ def test_report_renders_in_headless_chromium(tmp_path):
     finally:
         cdp.close()
 
-    assert state["title"] == "loralab study: rep"
+    assert state["title"] == f"loralab study: {title}"
     # every image decoded and laid out (a broken image has naturalWidth 0)
     assert len(state["imgs"]) == 5
     for img in state["imgs"]:
         assert img["complete"] and img["w"] > 0 and img["h"] > 0 and img["shown"] > 0, img
-    # quality (2), cost and runs tables, with rows, columns and bold best values
-    assert len(state["tables"]) == 4
+    # quality, cost, (quantization) and runs tables, with rows, columns and bold best values
+    assert len(state["tables"]) == n_tables
     assert all(t["rows"] >= 3 and t["cols"] >= 4 and t["height"] > 0 for t in state["tables"])
     assert state["tables"][0]["bold"] >= 1
     # no network: the only request is the file itself (data: images are not requests)
