@@ -59,6 +59,7 @@ LORA_METHODS = ("lora", "lora-head", "qat-lora", "qlora", "lora-ptq")
 TASKS = ("lm", "classify", "generate")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("auto", "ddp", "fsdp")
 
 
 class TrainingDiverged(UserError):
@@ -119,6 +120,9 @@ class TrainConfig:
     """fp32, or bf16 autocast (weights stay fp32)."""
     grad_checkpointing: bool = False
     """Recompute activations in backward instead of storing them."""
+    parallel: str = "auto"
+    """Under torchrun: auto (FSDP for full fine-tuning, DDP otherwise), ddp, or fsdp (full
+    only: parameters, gradients and optimizer state sharded over the processes)."""
     fused_loss: bool = True
     """Causal LMs: compute the loss from hidden states in chunks, never the full logits
     (loralab.losses); off = the model's own logits + cross-entropy."""
@@ -171,6 +175,11 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.seq_len >= 2, "seq_len must be >= 2"),
+            (self.parallel in PARALLEL, f"unknown parallel {self.parallel!r}; choose one of "
+                                        f"{', '.join(PARALLEL)}"),
+            (self.parallel != "fsdp" or self.method == "full",
+             f"parallel fsdp shards full fine-tuning only, not method {self.method!r}; use "
+             "--parallel ddp or auto"),
             (self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}"),
         ]
         for ok, message in checks:
@@ -653,8 +662,10 @@ def _load_trained_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
                         "resume with the same config")
 
 
-def _save_artifact(model: nn.Module, loaded: Any, config: TrainConfig, out: Path) -> dict:
-    """Store what the run produced: the adapter (PEFT format), the head tensors, or the model."""
+def _save_artifact(model: nn.Module, loaded: Any, config: TrainConfig, out: Path,
+                   whole: dict[str, torch.Tensor] | None = None) -> dict:
+    """Store what the run produced: the adapter (PEFT format), the head tensors, or the model
+    (`whole`: its gathered state dict under FSDP, whose parameters are shards)."""
     artifacts = {"adapter": None, "model": None, "head": None}
     if config.method in LORA_METHODS:
         from loralab.adapter import save_adapter
@@ -676,7 +687,7 @@ def _save_artifact(model: nn.Module, loaded: Any, config: TrainConfig, out: Path
         artifacts["head"] = str(out / "head")
     elif config.method == "full":
         tmp = out / ".model.tmp"
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=dict(whole) if whole is not None else None)
         tok = getattr(loaded, "tokenizer", None)
         if tok is not None and hasattr(tok, "save_pretrained"):
             tok.save_pretrained(str(tmp))
@@ -697,26 +708,167 @@ def _fault(name: str) -> int | None:
 
 def _step_module(model: nn.Module, config: TrainConfig, d: Dist) -> nn.Module:
     """What a training forward calls: for causal LMs the fused-loss module (the loss from
-    hidden states in chunks, no N x V logits), otherwise the model. FSDP (full fine-tuning on
-    several GPUs) keeps the model's own forward, whose root hooks gather the head's shards."""
+    hidden states in chunks, no N x V logits), otherwise the model. Under FSDP this module
+    becomes the sharding root (`_FSDPRoot`), so the head's gathered weight is what it reads."""
     from loralab.losses import CausalLMLoss, fused_loss_supported
 
-    fsdp = config.method == "full" and d.device.type == "cuda" and d.world > 1
-    if (config.fused_loss and config.task in ("lm", "generate") and not fsdp
+    if (config.fused_loss and config.task in ("lm", "generate")
             and fused_loss_supported(model)):
         return CausalLMLoss(model, config.label_smoothing)
     return model
 
 
-def _wrap(model: nn.Module, config: TrainConfig, d: Dist) -> tuple[nn.Module, str]:
-    """DDP when distributed; the model itself otherwise.
+def _parallel_mode(config: TrainConfig, d: Dist) -> str:
+    """single (one process), eval (method none), fsdp (full fine-tuning unless --parallel
+    ddp) or ddp."""
+    if d.world == 1:
+        return "single"
+    if config.method == "none":
+        return "eval"
+    if config.method == "full" and config.parallel in ("auto", "fsdp"):
+        return "fsdp"
+    return "ddp"
 
-    Full fine-tuning also uses DDP: FSDP (`fully_shard`, which does run on CPU with gloo) needs
-    collective state-dict gathering for checkpoints, evaluation on every rank and sharded
-    optimizer state on resume, which this loop does not have yet.
+
+class _FSDPRoot(nn.Module):
+    """The module FSDP shards last (the root): one forward for both uses, so every call runs
+    the root's hooks, which all-gather what no block owns (embeddings, final norm, the tied
+    lm_head) before the call and reduce-scatter its gradients after backward.
+
+    forward(input_ids, attention_mask, labels) -> the fused loss (training, causal LMs);
+    forward(input_ids=..., attention_mask=...) -> the model's output (evaluation, or training
+    without the fused loss).
     """
+
+    def __init__(self, model: nn.Module, loss: nn.Module | None) -> None:
+        super().__init__()
+        self.model = model
+        self.__dict__["loss"] = loss  # shares self.model: kept out of the module tree
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> Any:
+        if labels is not None and self.loss is not None:
+            return self.loss(input_ids, attention_mask, labels)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks FSDP shards one by one: transformers' `_no_split_modules`
+    classes (GPT2Block, LlamaDecoderLayer, BertLayer, ...), else the children of the largest
+    ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def _shard(model: nn.Module, step_module: nn.Module, d: Dist) -> nn.Module:
+    """FSDP2 in place: `fully_shard` each block, then the root `_FSDPRoot(model, loss)`.
+
+    Each parameter becomes a DTensor holding this rank's rows (dim-0 shard, padded). A block's
+    weights are all-gathered just before its forward and freed after it (gathered again for
+    backward); its gradients are reduce-scattered (averaged over the N ranks, as DDP does).
+    The rest (embeddings, final norm, lm_head) belongs to the root group, so a tied
+    embedding/lm_head pair is one parameter in one group: gathered once, its two gradient
+    contributions summed before one reduce-scatter.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    root = _FSDPRoot(model, step_module if step_module is not model else None)
+    fully_shard(root, mesh=mesh)
+    return root
+
+
+def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
+                ) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """FSDP: the whole model state dict and optimizer state gathered to rank 0's CPU (empty on
+    the other ranks; every rank must call it). Tied names share one tensor, and the optimizer
+    state is given in `optimizer.state_dict()`'s layout, so the checkpoint is the one a
+    single-process run writes."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    tensors = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options) \
+        if optimizer is not None else None
+    if not tensors:
+        return {}, None
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first and name in tensors:
+            tensors[name] = tensors[first[id(p)]]
+        first.setdefault(id(p), name)
+    if optim is not None:
+        index = {n: i for i, n in enumerate(_optimizer_names(model, optimizer))}
+        optim = {"state": {index[n]: v for n, v in sorted(optim["state"].items(),
+                                                          key=lambda kv: index[kv[0]])},
+                 "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                  for g in optim["param_groups"]]}
+    return tensors, optim
+
+
+def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The parameter names in the order `optimizer.state_dict()` numbers them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    tensors: dict[str, torch.Tensor], optim: dict | None) -> None:
+    """FSDP: load a whole state dict (and `optimizer.state_dict()`-layout optimizer state)
+    that every rank has read; each rank keeps its own shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, dict(tensors), options=options)
+    if optimizer is not None and optim is not None:
+        names = _optimizer_names(model, optimizer)
+        by_name = {"state": {names[i]: dict(v) for i, v in optim["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                    for g in optim["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def _local_view(model: nn.Module, optimizer: torch.optim.Optimizer | None
+                ) -> tuple[nn.Module, Any]:
+    """FSDP: this rank's shards as plain tensors (parameters with their gradient shards, the
+    optimizer state), for loralab.measure's byte counts: what this process holds."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import DTensor
+
+    def local(t: Any) -> Any:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    view = nn.Module()
+    view.shards = nn.ParameterList()
+    for p in model.parameters():
+        q = nn.Parameter(local(p).detach(), requires_grad=p.requires_grad)
+        q.grad = local(p.grad).detach() if p.grad is not None else None
+        view.shards.append(q)
+    for i, b in enumerate(model.buffers()):
+        view.register_buffer(f"b{i}", local(b))
+    state = {k: {n: local(v) for n, v in s.items()} for k, s in optimizer.state.items()} \
+        if optimizer is not None else {}
+    return view, SimpleNamespace(state=state)
+
+
+def _wrap(model: nn.Module, config: TrainConfig, d: Dist, mode: str = "ddp"
+          ) -> tuple[nn.Module, str]:
+    """DDP when distributed; the model itself otherwise (or the FSDP root, already sharded by
+    `_shard`)."""
     if d.world == 1:
         return model, "single"
+    if mode == "fsdp":
+        return model, "fsdp"
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [d.device.index] if d.device.type == "cuda" else None
@@ -807,6 +959,12 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
                      f"{head_start + 1}-{total_steps}")
     warmup = config.warmup_steps or round(config.warmup_ratio * total_steps)
 
+    mode = _parallel_mode(config, d)
+    step_module = _step_module(model, config, d)
+    fused = step_module is not model
+    if mode == "fsdp":  # before the optimizer: it must hold the sharded parameters
+        step_module = _shard(model, step_module, d)
+    eval_net = step_module if mode == "fsdp" else model  # under FSDP every call goes via the root
     optimizer = None
     state = _State()
     phase = "lora"
@@ -826,8 +984,11 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
 
     if resume and (ck_dir / ckpt.LAST).exists():
         saved = ckpt.load(ck_dir / ckpt.LAST)
-        _load_trained_state(model, saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        if mode == "fsdp":
+            _set_full_state(model, optimizer, saved["model"], saved["optimizer"])
+        else:
+            _load_trained_state(model, saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = _State(**saved["state"])
         ckpt.set_rng_state(saved["rng"])
@@ -842,26 +1003,30 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
     sampler = measure.RSSSampler().start() if d.main else None
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
-    tracker = measure.SavedTensorTracker(skip=measure.storage_pointers(model.parameters()))
+    tracker = measure.SavedTensorTracker(skip=measure.storage_pointers(
+        _local_view(model, None)[0].parameters() if mode == "fsdp" else model.parameters()))
     static_bytes = 0
 
     def run_eval(max_batches: int) -> dict | None:
-        if val_name is None or not d.main:
+        if val_name is None or not (d.main or mode == "fsdp"):  # FSDP: every rank forwards
             return None
         t0 = time.perf_counter()
-        result = evaluate(model, splits[val_name], collate, config, d.device, max_batches)
+        result = evaluate(eval_net, splits[val_name], collate, config, d.device, max_batches)
         state.eval_seconds += time.perf_counter() - t0
         return result
 
     def save(best: bool = False) -> None:
+        if mode == "fsdp":  # collective: every rank sends its shards, rank 0 gets them whole
+            tensors, optim = _full_state(model, optimizer)
         if not d.main:
             return
+        if mode != "fsdp":
+            tensors, optim = _trained_state(model, config), optimizer.state_dict()
         if best:
-            ckpt.atomic_torch_save({"model": _trained_state(model, config), "step": state.step},
-                                   ck_dir / ckpt.BEST)
+            ckpt.atomic_torch_save({"model": tensors, "step": state.step}, ck_dir / ckpt.BEST)
         fault = "before-rename" if _fault("KILL_IN_SAVE") == state.step else None
         ckpt.atomic_torch_save({
-            "model": _trained_state(model, config), "optimizer": optimizer.state_dict(),
+            "model": tensors, "optimizer": optim,
             "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
             "state": dataclasses.asdict(state), "config": config.to_dict(),
         }, ck_dir / ckpt.LAST, _fault=fault)
@@ -877,9 +1042,7 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
                 state.best_val, state.best_step = result["loss"], state.step
         save(best=improved)
 
-    step_module = _step_module(model, config, d)
-    fused = step_module is not model
-    wrapped, mode = (_wrap(step_module, config, d) if config.method != "none"
+    wrapped, mode = (_wrap(step_module, config, d, mode) if config.method != "none"
                      else (model, "eval"))
     record["env"]["parallel"] = mode
     order: torch.Tensor | None = None
@@ -898,7 +1061,7 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
                 phase = "head"
                 set_phase(model, config, phase)
                 if d.world > 1:  # DDP registered the old trainable set; wrap again
-                    wrapped, mode = _wrap(step_module, config, d)
+                    wrapped, mode = _wrap(step_module, config, d, mode)
                 logger.message(f"step {state.step}: adapters frozen, training the head only")
             t0 = time.perf_counter()
             start = state.step_in_epoch * global_batch
@@ -922,8 +1085,10 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
             with body_frozen:
                 for k, batch in enumerate(batches):
                     batch = _to(batch, d.device)
-                    sync = k == len(batches) - 1 or mode != "ddp"
-                    ctx = wrapped.no_sync() if not sync else nullcontext()
+                    sync = k == len(batches) - 1 or mode not in ("ddp", "fsdp")
+                    ctx = wrapped.no_sync() if not sync and mode == "ddp" else nullcontext()
+                    if mode == "fsdp":  # no reduce-scatter until the step's last micro-batch
+                        wrapped.set_requires_gradient_sync(sync)
                     with ctx, tracker.track(), _autocast(config, d.device):
                         if fused:
                             loss = wrapped(batch["input_ids"], batch.get("attention_mask"),
@@ -941,6 +1106,8 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
             params = [p for p in model.parameters() if p.requires_grad]
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                          if config.grad_clip > 0 else torch.zeros(()))
+            if mode == "fsdp" and hasattr(grad_norm, "full_tensor"):  # a DTensor over shards
+                grad_norm = grad_norm.full_tensor()
             if not math.isfinite(step_loss) or not torch.isfinite(grad_norm):
                 what = "loss" if not math.isfinite(step_loss) else "gradient norm"
                 value = step_loss if what == "loss" else float(grad_norm)
@@ -954,7 +1121,8 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if not static_bytes:
-                static_bytes = measure.static_tensor_bytes(model, optimizer)
+                static_bytes = measure.static_tensor_bytes(
+                    *(_local_view(model, optimizer) if mode == "fsdp" else (model, optimizer)))
             state.step += 1
             state.step_in_epoch += 1
             state.tokens += step_tokens
@@ -996,24 +1164,32 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
     state.peak_saved_bytes = max(state.peak_saved_bytes, tracker.peak)
 
     # final weights: the best validation checkpoint
-    if (config.keep_best and d.main and config.method != "none"
+    # (FSDP: every rank reads the file, once rank 0 has written it, and keeps its shards)
+    if mode == "fsdp":
+        _barrier(d)
+    if (config.keep_best and (d.main or mode == "fsdp") and config.method != "none"
             and (ck_dir / ckpt.BEST).exists()):
         best = ckpt.load(ck_dir / ckpt.BEST)
         if best["step"] != state.step:
-            _load_trained_state(model, best["model"])
+            if mode == "fsdp":
+                _set_full_state(model, None, best["model"], None)
+            else:
+                _load_trained_state(model, best["model"])
             notes.append(f"weights of step {best['step']} restored (best validation loss)")
 
     metrics: dict = {}
-    if d.main:
+    if d.main or mode == "fsdp":  # FSDP: every rank runs the forward, rank 0 records
         t0 = time.perf_counter()
         for name, ds in splits.items():
             if name == "train":
                 continue
-            metrics[name] = evaluate(model, ds, collate, config, d.device)
+            metrics[name] = evaluate(eval_net, ds, collate, config, d.device)
         for extra in config.eval_data:
-            metrics[extra] = _evaluate_extra(model, loaded, extra, config, d.device)
+            metrics[extra] = _evaluate_extra(eval_net, loaded, extra, config, d.device)
         state.eval_seconds += time.perf_counter() - t0
-        artifacts = _save_artifact(model, loaded, config, out)
+    whole = _full_state(model, None)[0] if mode == "fsdp" else None  # collective
+    if d.main:
+        artifacts = _save_artifact(model, loaded, config, out, whole)
         record["artifacts"].update(artifacts)
 
     # costs
@@ -1051,7 +1227,9 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
     record["estimates"] = {
         "flops_per_token": fpt, "matmul_params": n_matmul, "tokens": state.tokens,
         "steps": state.step, "peak_flops_per_second": peak,
-        "memory": measure.memory_estimate(model, optimizer, state.peak_saved_bytes),
+        "memory": measure.memory_estimate(
+            *(_local_view(model, optimizer) if mode == "fsdp" else (model, optimizer)),
+            state.peak_saved_bytes),
         "best_step": state.best_step,
     }
     if d.main and config.method in ("qat-lora", "qlora", "lora-ptq"):

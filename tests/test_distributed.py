@@ -1,5 +1,7 @@
-"""The same run under torchrun with 2 CPU processes (DDP over gloo) gives the loss curve of the
-single-process run with the same global batch."""
+"""The same runs under torchrun with 2 CPU processes (gloo) give the loss curves of the
+single-process runs with the same global batch: DDP for LoRA and head-only, FSDP (fully_shard)
+for full fine-tuning of GPT-2 and LLaMA (tied embeddings/lm_head), whose checkpoints, saved
+final models, NaN stop and resume are checked too. One torchrun launch runs every job."""
 
 from __future__ import annotations
 
@@ -10,43 +12,87 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
-import sys
+import os, sys
 sys.path[:0] = [{tests!r}]
-from test_distributed import job
+from test_distributed import job, resumable
+from loralab.train import TrainingDiverged
+out = {out!r}
 for method in ("lora", "head"):
-    job({out!r} + "/" + method, method)
+    job(out + "/" + method, method)
+job(out + "/full-gpt2", "full", "gpt2")
+job(out + "/full-llama", "full", "llama")
+resumable(out + "/resume-ref")
+os.environ["LORALAB_FAULT_NAN_AT_STEP"] = "6"
+try:
+    resumable(out + "/resume-cut")
+    raise SystemExit("the NaN fault did not stop the run")
+except TrainingDiverged:
+    pass
+del os.environ["LORALAB_FAULT_NAN_AT_STEP"]
+resumable(out + "/resume-cut", resume=True)
 """
 
 
-def job(out: str, method: str) -> dict:
+def _model(name: str):
+    from conftest import tiny_gpt2, tiny_llama
+
+    return {"gpt2": tiny_gpt2, "llama": tiny_llama}[name]()
+
+
+def job(out: str, method: str, model: str = "gpt2") -> dict:
     """4 steps, global batch 4 x 2 micro-batches (2 examples per process and micro-batch with
-    2 processes), ragged target counts so the token normalisation across ranks matters."""
-    from conftest import tiny_gpt2
+    2 processes), ragged target counts so the token normalisation across ranks matters. Full
+    fine-tuning keeps the best validation checkpoint (LLaMA's best is step 2: restored)."""
     from test_train import Loaded, lm_data
 
     from loralab.train import TrainConfig, train
 
     config = TrainConfig(model="tiny", task="lm", method=method, out=out, max_steps=4,
-                         batch_size=4, grad_accum=2, lr=1e-2, eval_every=2, keep_best=False)
-    return train(config, loaded=Loaded(tiny_gpt2()), task_data=lm_data(n=32))
+                         batch_size=4, grad_accum=2, lr=1e-2, eval_every=2,
+                         keep_best=method == "full")
+    return train(config, loaded=Loaded(_model(model)), task_data=lm_data(n=32))
+
+
+def resumable(out: str, resume: bool = False) -> dict:
+    """Full fine-tuning, 6 steps of 5 per epoch: checkpoints at 2, 3 (evaluation), 4, 5
+    (epoch end, evaluation), 6; warm-up + cosine."""
+    from test_train import Loaded, lm_data
+
+    from loralab.train import TrainConfig, train
+
+    config = TrainConfig(model="tiny", task="lm", method="full", out=out, max_steps=6,
+                         batch_size=4, grad_accum=2, lr=1e-2, eval_every=3, checkpoint_every=2,
+                         keep_best=False, warmup_steps=2, schedule="cosine")
+    return train(config, resume=resume, loaded=Loaded(_model("gpt2")),
+                 task_data=lm_data(n=40))
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> Path:
-    """One torchrun launch (2 processes) running the LoRA and the head-only job."""
+    """One torchrun launch (2 processes) running every job of SCRIPT."""
     root = tmp_path_factory.mktemp("ddp")
     script = root / "job.py"
     script.write_text(SCRIPT.format(tests=str(REPO / "tests"), out=str(root)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LORALAB_FAULT_NAN_AT_STEP", None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", str(script)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
+
+
+def _curves(record: dict, name: str) -> list[float]:
+    return [v for _, v in record["curves"][name]]
+
+
+def _ckpt(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)
 
 
 @pytest.mark.slow
@@ -55,12 +101,75 @@ def test_two_process_ddp_matches_single_process(tmp_path, ddp_runs, method):
     single = job(str(tmp_path / "single"), method)
     ddp = json.loads((ddp_runs / method / "record.json").read_text())
     assert ddp["env"]["world_size"] == 2 and ddp["env"]["parallel"] == "ddp"
-    a = [v for _, v in single["curves"]["train_loss"]]
-    b = [v for _, v in ddp["curves"]["train_loss"]]
+    a = _curves(single, "train_loss")
+    b = _curves(ddp, "train_loss")
     assert len(a) == len(b) == 4
     assert b == pytest.approx(a, abs=1e-4)
-    va = [v for _, v in single["curves"]["val_loss"]]
-    vb = [v for _, v in ddp["curves"]["val_loss"]]
-    assert vb == pytest.approx(va, abs=1e-4)
+    assert _curves(ddp, "val_loss") == pytest.approx(_curves(single, "val_loss"), abs=1e-4)
     # only rank 0 wrote: one record, one TensorBoard directory
     assert (ddp_runs / method / "tb").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_two_process_fsdp_full_matches_single_process(tmp_path, ddp_runs, model):
+    """FSDP full fine-tuning (fused loss through the sharded tied head, accumulation without
+    intermediate reduce-scatter, clipping over DTensors, best-checkpoint restore): the same
+    curves, the same gathered checkpoint and the same saved model as one process."""
+    from transformers import AutoModelForCausalLM
+
+    single_dir = tmp_path / "single"
+    single = job(str(single_dir), "full", model)
+    run = ddp_runs / f"full-{model}"
+    fsdp = json.loads((run / "record.json").read_text())
+    assert single["env"]["parallel"] == "single"
+    assert fsdp["env"]["world_size"] == 2 and fsdp["env"]["parallel"] == "fsdp"
+    assert len(_curves(fsdp, "train_loss")) == 4
+    assert _curves(fsdp, "train_loss") == pytest.approx(_curves(single, "train_loss"), abs=1e-4)
+    assert _curves(fsdp, "val_loss") == pytest.approx(_curves(single, "val_loss"), abs=1e-4)
+    assert fsdp["metrics"]["validation"]["loss"] == pytest.approx(
+        single["metrics"]["validation"]["loss"], abs=1e-4)
+    assert fsdp["notes"] == single["notes"]  # the same best step restored (or none)
+    # sizes are global, memory figures are per process (half the weights)
+    assert fsdp["costs"]["total_params"] == single["costs"]["total_params"]
+    assert fsdp["estimates"]["memory"]["weights"] < single["estimates"]["memory"]["weights"]
+
+    # the checkpoint holds whole tensors in the single-process layout
+    a, b = _ckpt(single_dir), _ckpt(run)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-4, rtol=0)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i in a["optimizer"]["state"]:
+        for k, v in a["optimizer"]["state"][i].items():
+            torch.testing.assert_close(b["optimizer"]["state"][i][k], v, atol=1e-4, rtol=0)
+
+    # the final model is a plain transformers directory with the same logits
+    ref = AutoModelForCausalLM.from_pretrained(single_dir / "model").eval()
+    got = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    assert got.get_output_embeddings().weight is got.get_input_embeddings().weight  # still tied
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_nan_stop_then_resume_equals_uninterrupted_run(tmp_path, ddp_runs):
+    """Under FSDP a NaN at step 6 stops the run and keeps the step-5 checkpoint; resuming
+    from it ends exactly where the uninterrupted FSDP run ends, which equals one process."""
+    cut, ref = ddp_runs / "resume-cut", ddp_runs / "resume-ref"
+    rec = json.loads((cut / "record.json").read_text())
+    assert rec["status"] == "finished" and rec["env"]["parallel"] == "fsdp"
+    assert any("resumed from step 5" in n for n in rec["notes"])
+    assert [s for s, _ in rec["curves"]["train_loss"]] == list(range(1, 7))
+    a, b = _ckpt(ref), _ckpt(cut)
+    assert a["state"]["step"] == b["state"]["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["state"]["curves"] == b["state"]["curves"]
+    single = resumable(str(tmp_path / "single"))
+    assert _curves(rec, "train_loss") == pytest.approx(_curves(single, "train_loss"), abs=1e-4)
+    assert _curves(rec, "val_loss") == pytest.approx(_curves(single, "val_loss"), abs=1e-4)
