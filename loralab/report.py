@@ -425,6 +425,21 @@ def text_table(t: Table) -> str:
     return "\n".join(out)
 
 
+_NUMBER = re.compile(r"^[-+]?[\d,]*\.?\d+(e[-+]?\d+)?%?$", re.I)
+
+
+def numeric_columns(t: Table) -> list[bool]:
+    """Which columns hold numbers (right-aligned): every filled cell is a number, `mean ± std`
+    or a dash for "none"; the first column (row names) never is."""
+    out = []
+    for j in range(len(t.header)):
+        cells = [r[j].strip("*") for r in t.rows if j < len(r)]
+        cells = [c for c in cells if c not in ("", "–", NOT_TRAINED)]
+        out.append(j > 0 and bool(cells) and all(
+            all(_NUMBER.match(part.strip()) for part in c.split("±")) for c in cells))
+    return out
+
+
 def md_table(t: Table) -> str:
     def cell(i: int, j: int, c: str) -> str:
         c = c.replace("|", "\\|")
@@ -434,7 +449,7 @@ def md_table(t: Table) -> str:
             c = f"*{c}*"
         return c
     lines = ["| " + " | ".join(t.header) + " |",
-             "|" + "|".join("---" if j == 0 else "---:" for j in range(len(t.header))) + "|"]
+             "|" + "|".join("---:" if num else "---" for num in numeric_columns(t)) + "|"]
     lines += ["| " + " | ".join(cell(i, j, c) for j, c in enumerate(r)) + " |"
               for i, r in enumerate(t.rows)]
     text = f"### {t.title}\n\n" + "\n".join(lines)
@@ -442,11 +457,13 @@ def md_table(t: Table) -> str:
 
 
 def html_table(t: Table) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
+    attr = ["" if n else ' class="t"' for n in numeric_columns(t)]  # text: left-aligned
+    head = "".join(f"<th{attr[j]}>{html.escape(h)}</th>" for j, h in enumerate(t.header))
     body = []
     for i, r in enumerate(t.rows):
         cls = ' class="published"' if i in t.italic_rows else ""
-        tds = "".join(f"<td>{'<b>' + html.escape(c) + '</b>' if (i, j) in t.bold else html.escape(c)}"
+        tds = "".join(f"<td{attr[j]}>"
+                      f"{'<b>' + html.escape(c) + '</b>' if (i, j) in t.bold else html.escape(c)}"
                       "</td>" for j, c in enumerate(r))
         body.append(f"<tr{cls}>{tds}</tr>")
     note = f'<p class="note">{html.escape(t.note)}</p>' if t.note else ""
@@ -795,7 +812,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max
 margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.92em}
 th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
-th:first-child,td:first-child{text-align:left}
+th:first-child,td:first-child,th.t,td.t{text-align:left}
 thead th{background:#f3f3f3}
 tr.published td{font-style:italic;color:#555;background:#fafaf0}
 .note{color:#666;font-size:.88em}

@@ -326,3 +326,13 @@ def test_quant_in_csv_and_html(qbuilt):
     assert page.count("<table>") == 5  # quality, cost, deployment, quantization, runs
     text = report.terminal_report(report.load(qbuilt)[0])
     assert "Deployment: quality, size on disk and latency" in text
+
+
+def test_number_columns_right_text_columns_left(built):
+    md = (built / "report.md").read_text()
+    runs = md.split("### Runs")[1].splitlines()
+    assert runs[3] == "|---|---:|---|---|---|---|"  # strategy, seed, status, error, notes, dir
+    cost = md.split("### Cost per strategy")[1].splitlines()
+    assert cost[3] == "|---|---|" + "---:|" * 6  # strategy and method are text
+    page = (built / "report.html").read_text()
+    assert '<td class="t">finished</td>' in page and '<td class="t">untuned</td>' in page
