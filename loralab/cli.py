@@ -304,7 +304,8 @@ TRAIN_EPILOG = """examples:
       --max-steps 200 --batch-size 8 --grad-accum 4 --precision bf16 --out runs/full
   loralab train --config my-run.yaml --lr 1e-4        # YAML keys = TrainConfig fields
   loralab train --out runs/lora --resume --config my-run.yaml   # continue a killed run
-  torchrun --nproc-per-node 2 -m loralab train ...   # DDP (gloo on CPU, NCCL on GPU)
+  torchrun --nproc-per-node 2 -m loralab train ...   # DDP (gloo on CPU, NCCL on GPU);
+                                                     # --method full: FSDP (--parallel)
 
 methods: none (evaluate only), full, head (frozen body under no_grad), lora, lora-head
 (LoRA, then head only for --head-epochs), qat-lora / qlora / lora-ptq (see loralab.quant).
@@ -428,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", dest="grad_clip", type=float, help="0 disables")
     p.add_argument("--label-smoothing", dest="label_smoothing", type=float)
     p.add_argument("--precision", choices=("fp32", "bf16"))
+    p.add_argument("--parallel", choices=("auto", "ddp", "fsdp"),
+                   help="under torchrun: auto (FSDP for --method full, DDP otherwise), ddp, "
+                   "or fsdp (full only: weights, gradients, optimizer state sharded)")
     p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const",
                    const=True)
     p.add_argument("--seq-len", dest="seq_len", type=int)

@@ -1,9 +1,9 @@
-"""One training loop for every strategy, with cost measurement, logging, resume and DDP.
+"""One training loop for every strategy, with cost measurement, logging, resume, DDP and FSDP.
 
 Strategies (`TrainConfig.method`):
 
     none       evaluate the pretrained model, no training
-    full       every parameter trains (DDP when distributed; FSDP not yet)
+    full       every parameter trains (FSDP when distributed, or DDP with --parallel ddp)
     head       only the task head trains; the frozen body runs under no_grad
     lora       LoRA adapters (+ the freshly initialised classifier for `classify`)
     lora-head  LoRA first, then adapters frozen and the head alone for the last `head_epochs`
@@ -29,6 +29,25 @@ The loss of one optimizer step is
 where T_step counts the target tokens (examples for `classify`) of the whole step, known before
 the first micro-batch runs. Each micro-batch back-propagates its share directly (times N, since
 DDP averages gradients over ranks), so accumulation gives exactly the gradient of L.
+
+Distributed (`torchrun --nproc-per-node N`, gloo on CPU, NCCL on GPU): LoRA, head-only and
+the other methods use DDP (every rank holds the whole model; gradients all-reduced once per
+optimizer step, `no_sync` on the other micro-batches). Full fine-tuning uses FSDP2
+(`fully_shard`, `parallel="auto"` or `"fsdp"`): each transformer block, then a root holding the
+rest (embeddings, final norm, the tied lm_head, and the fused loss that reads the head), is
+sharded along dim 0, so a rank holds 1/N of the weights, gradients and AdamW state (fused AdamW
+and `clip_grad_norm_` run on the DTensor shards). A block's weights are all-gathered for its
+forward and again for its backward; gradients are reduce-scattered at the last micro-batch of a
+step (`set_requires_gradient_sync`). Evaluation runs the sharded forward on every rank; only
+rank 0 logs and writes. Checkpoints gather whole tensors to rank 0's CPU
+(`get_model_state_dict` / `get_optimizer_state_dict`, full_state_dict + cpu_offload) and store
+them in the single-process layout (a run stopped under FSDP can finish in one process); on
+resume and for the best-checkpoint restore every rank reads the file (a filesystem all ranks
+see) and keeps its shards. The final model is an ordinary `save_pretrained` directory.
+Limits: FSDP is for
+`method=full` only; a gathered checkpoint must fit in rank 0's CPU memory; no CPU offload of
+parameters, no mixed-precision policy beyond bf16 autocast, no hybrid (HSDP) sharding; the
+memory figures of the record are per process (this rank's shards).
 """
 
 from __future__ import annotations
@@ -123,6 +142,9 @@ class TrainConfig:
     parallel: str = "auto"
     """Under torchrun: auto (FSDP for full fine-tuning, DDP otherwise), ddp, or fsdp (full
     only: parameters, gradients and optimizer state sharded over the processes)."""
+    compile: str = "auto"
+    """torch.compile the repeated blocks (loralab.compiling): auto (runs of at least
+    compiling.AUTO_MIN_STEPS steps, where the compile time pays back), on, or off."""
     fused_loss: bool = True
     """Causal LMs: compute the loss from hidden states in chunks, never the full logits
     (loralab.losses); off = the model's own logits + cross-entropy."""
@@ -181,6 +203,8 @@ class TrainConfig:
              f"parallel fsdp shards full fine-tuning only, not method {self.method!r}; use "
              "--parallel ddp or auto"),
             (self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}"),
+            (self.compile in ("auto", "on", "off"), f"unknown compile {self.compile!r}; choose "
+                                                    "auto, on or off"),
         ]
         for ok, message in checks:
             if not ok:
@@ -418,7 +442,8 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(params_groups: list[dict], lr: float, device: torch.device
                    ) -> torch.optim.Optimizer:
-    """AdamW, fused where the build supports it (CPU and CUDA in torch >= 2.4), else foreach."""
+    """AdamW, fused where the build supports it (CPU and CUDA in torch >= 2.4; also over FSDP's
+    DTensor shards), else foreach."""
     groups = [g for g in params_groups if g["params"]]
     try:
         return torch.optim.AdamW(groups, lr=lr, fused=True)
@@ -755,13 +780,19 @@ class _FSDPRoot(nn.Module):
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks FSDP shards one by one: transformers' `_no_split_modules`
     classes (GPT2Block, LlamaDecoderLayer, BertLayer, ...), else the children of the largest
-    ModuleList."""
+    ModuleList. A module holding a tied parameter (BertEmbeddings, whose word embeddings a
+    masked-LM head shares) is left to the root group, so the tied pair stays one parameter in
+    one group."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if blocks:
-        return blocks
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    if not blocks:
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+        blocks = list(max(lists, key=len)) if lists else []
+    seen: set[int] = set()
+    tied: set[int] = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (tied if id(p) in seen else seen).add(id(p))
+    return [b for b in blocks if not any(id(p) in tied for p in b.parameters())]
 
 
 def _shard(model: nn.Module, step_module: nn.Module, d: Dist) -> nn.Module:
@@ -960,6 +991,17 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
     warmup = config.warmup_steps or round(config.warmup_ratio * total_steps)
 
     mode = _parallel_mode(config, d)
+    from loralab import compiling
+
+    compiled, why = compiling.should_compile(config.compile, method=config.method,
+                                             total_steps=total_steps)
+    if compiled and mode == "fsdp":
+        compiled, why = False, "not compiled: FSDP runs eager here"
+    if compiled:
+        compiling.compile_blocks(model)
+    record["env"]["compiled"] = compiled
+    if compiled:
+        notes.append(why)
     step_module = _step_module(model, config, d)
     fused = step_module is not model
     if mode == "fsdp":  # before the optimizer: it must hold the sharded parameters

@@ -122,10 +122,24 @@ def test_config_from_yaml_with_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"method": "prefix"}, {"task": "qa"}, {"schedule": "step"},
-                                 {"precision": "fp16"}, {"batch_size": 0}, {"rank": 0}])
+                                 {"precision": "fp16"}, {"batch_size": 0}, {"rank": 0},
+                                 {"parallel": "zero3"}, {"parallel": "fsdp", "method": "lora"}])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(UserError):
         TrainConfig(**bad)
+
+
+def test_parallel_mode_per_method_and_world_size():
+    """auto: FSDP for full fine-tuning only; one process is always 'single'."""
+    from loralab.train import Dist, _parallel_mode
+
+    two = Dist(rank=0, world=2)
+    modes = {(m, p): _parallel_mode(TrainConfig(method=m, parallel=p), two)
+             for m, p in [("full", "auto"), ("full", "fsdp"), ("full", "ddp"), ("lora", "auto"),
+                          ("head", "ddp"), ("none", "auto")]}
+    assert modes == {("full", "auto"): "fsdp", ("full", "fsdp"): "fsdp", ("full", "ddp"): "ddp",
+                     ("lora", "auto"): "ddp", ("head", "ddp"): "ddp", ("none", "auto"): "eval"}
+    assert _parallel_mode(TrainConfig(method="full"), Dist()) == "single"
 
 
 # --- pieces of the loop ---------------------------------------------------------------------
