@@ -434,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or fsdp (full only: weights, gradients, optimizer state sharded)")
     p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const",
                    const=True)
+    p.add_argument("--compile", choices=("auto", "on", "off"),
+                   help="torch.compile the repeated blocks: auto (long runs only, where "
+                   "the compile time pays back), on, off")
     p.add_argument("--seq-len", dest="seq_len", type=int)
     p.add_argument("--data-fraction", dest="data_fraction", type=float)
     p.add_argument("--seed", type=int)

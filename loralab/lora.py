@@ -268,7 +268,6 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base(x)
         p = self.dropout if self.training else 0.0
-        seed = draw_seed() if p > 0 else 0
         weight = self.base.weight
         # QAT (torchao FakeQuantizedLinear base): the frozen path and the adapter both see the
         # fake-quantized input Q(x), as in the deployed quantized model; W becomes Q(W)
@@ -278,8 +277,36 @@ class LoRALinear(nn.Module):
             x = fq_x(x)
         if fq_w is not None:
             weight = fq_w(weight)
+        if torch.compiler.is_compiling():
+            return self._composed(x, _dense(weight), p)
+        seed = draw_seed() if p > 0 else 0
         return lora_matmul(x, weight, self.base.bias, self.lora_A, self.lora_B,
                            self.scale, self.slices, p, seed, self.conv1d)
+
+    def _composed(self, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+        """The same map written with plain differentiable ops, for torch.compile.
+
+        Under compilation the graph, not `_LoRAMatmul`, decides what is stored: inductor fuses
+        the dropout, scaling and adds into neighbouring kernels and its partitioner saves or
+        recomputes the cheap elementwise results. (The eager Function's host-side dropout seed
+        would break the graph; here dropout is inductor's own random op.)
+        """
+        bias = self.base.bias
+        out = torch.matmul(x, weight) + bias if self.conv1d else F.linear(x, weight, bias)
+        xd = F.dropout(x, p, training=True) if p > 0 else x
+        u = xd @ self.lora_A.T                                      # (..., k r)
+        if self.slices == ((0, out.shape[-1]),):
+            return out + self.scale * (u @ self.lora_B.T)
+        pieces, row, at = [], 0, 0
+        for j, (lo, hi) in enumerate(self.slices):
+            if lo > at:
+                pieces.append(out.new_zeros(*out.shape[:-1], lo - at))
+            u_j = u[..., j * self.rank:(j + 1) * self.rank]
+            pieces.append(u_j @ self.lora_B[row:row + hi - lo].T)
+            row, at = row + hi - lo, hi
+        if at < out.shape[-1]:
+            pieces.append(out.new_zeros(*out.shape[:-1], out.shape[-1] - at))
+        return out + self.scale * torch.cat(pieces, dim=-1)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A as a (d_out, d_in) matrix (zero outside the adapted slices)."""

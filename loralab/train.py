@@ -1202,6 +1202,8 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
         raise
 
     rss_delta = sampler.stop() if sampler is not None else 0
+    if compiled:  # final evaluation and decoding run eagerly (no recompiles per KV-cache length)
+        compiling.uncompile_blocks(model)
     state.peak_rss_delta = max(state.peak_rss_delta, rss_delta)
     state.peak_saved_bytes = max(state.peak_saved_bytes, tracker.peak)
 
@@ -1261,6 +1263,7 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
         "train_seconds": state.train_seconds, "eval_seconds": state.eval_seconds,
         "data_seconds": data_seconds,
         "tokens_per_second": _throughput(state),
+        "first_step_seconds": state.first_seconds,
         "peak_memory_bytes": int(peak_memory),
         "peak_tensor_bytes": int(static_bytes + state.peak_saved_bytes),
         "train_flops": train_flops,
