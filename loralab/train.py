@@ -868,6 +868,31 @@ def _set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         set_optimizer_state_dict(model, optimizer, by_name, options=options)
 
 
+def _skip_gathered(root: nn.Module, tracker: measure.SavedTensorTracker) -> None:
+    """FSDP: the all-gathered weights autograd saves in a forward are parameters (FSDP frees
+    them after the forward and gathers them again for backward), not activations. A pre-forward
+    hook on each FSDP module, run after FSDP's own (which gathers), adds their storages to the
+    tracker's skip set; the root's hook, first in every forward, starts the set afresh."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    base = set(tracker.skip)
+
+    def gathered(module: nn.Module) -> set[int]:
+        return {p.untyped_storage().data_ptr() for p in module.parameters()
+                if not isinstance(p, DTensor)}
+
+    def root_hook(module: nn.Module, args: Any) -> None:
+        tracker.skip = base | gathered(module)
+
+    def block_hook(module: nn.Module, args: Any) -> None:
+        tracker.skip |= gathered(module)
+
+    for m in root.modules():
+        if isinstance(m, FSDPModule):
+            m.register_forward_pre_hook(root_hook if m is root else block_hook)
+
+
 def _local_view(model: nn.Module, optimizer: torch.optim.Optimizer | None
                 ) -> tuple[nn.Module, Any]:
     """FSDP: this rank's shards as plain tensors (parameters with their gradient shards, the
@@ -1047,6 +1072,8 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
         torch.cuda.reset_peak_memory_stats(d.device)
     tracker = measure.SavedTensorTracker(skip=measure.storage_pointers(
         _local_view(model, None)[0].parameters() if mode == "fsdp" else model.parameters()))
+    if mode == "fsdp":
+        _skip_gathered(step_module, tracker)
     static_bytes = 0
 
     def run_eval(max_batches: int) -> dict | None:
