@@ -533,10 +533,10 @@ def make_plots(data: StudyData) -> dict[str, bytes]:
         if log and any(m > 0 for m in means):
             ax.set_xscale("log")
             ax.set_xlim(left=max(min(m for m in means if m > 0) / 3, 1))
-        for yi, m in zip(y, means):
-            ax.text(m if m > 0 else ax.get_xlim()[0], yi, " " + fmt_value(m, "int" if log else
-                                                                         "num"),
-                    va="center", fontsize=8)
+        for yi, m, e in zip(y, means, errs):  # the label right of the bar and its error bar
+            ax.text(m + e if m > 0 else ax.get_xlim()[0], yi,
+                    " " + fmt_value(m, "int" if log else "num"), va="center", fontsize=8)
+        ax.set_xlim(right=ax.get_xlim()[1] * (3 if log else 1.15))
         ax.set_xlabel(xlabel)
         ax.set_title(f"{data.name}: {xlabel}")
         save(fig, key)
@@ -586,10 +586,12 @@ def make_plots(data: StudyData) -> dict[str, bytes]:
             pts = [(s.name, s.costs["trainable_params"].mean, s.metrics[set_name][metric])
                    for s in data.strategies if "trainable_params" in s.costs
                    and metric in s.metrics.get(set_name, {})]
+            same_x: dict[float, int] = {}
             for n, x, st in pts:
                 ax.errorbar([x], [st.mean], yerr=[st.std] if st.n > 1 else None, fmt="o",
                             color=colors[n], label=n)
-                ax.annotate(n, (x, st.mean), fontsize=8, xytext=(4, 4),
+                k = same_x[x] = same_x.get(x, -1) + 1  # stack labels of equal-size strategies
+                ax.annotate(n, (x, st.mean), fontsize=8, xytext=(4, 4 - 11 * k),
                             textcoords="offset points")
             front = pareto_front([(x, st.mean) for _, x, st in pts], lower_is_better(metric))
             if len(front) > 1:

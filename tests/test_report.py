@@ -200,7 +200,6 @@ def test_untuned_row_has_no_training_costs(built):
     assert cells[:4] == ["untuned", "none", "0", "0%"]
     assert cells[4:] == [report.NOT_TRAINED] * 4
     assert "not trained" in cost
-    # the training-cost bar charts leave the untuned row out
     data = report.load(built)[0]
     assert "## Quantization" not in md and report.quant_tables(data) == []
 
