@@ -86,7 +86,8 @@ COMPARE_EPILOG = """examples:
   loralab compare my-study.yaml --report-only      # rebuild the report, train nothing
 
 A study file fixes the model, task, training and evaluation data and the budget, and lists the
-strategies (none, full, head, lora, lora-head, qat-lora). The untuned model is always a row.
+strategies (none, full, head, lora, lora-head, qat-lora, qlora, lora-ptq). The untuned model is
+always a row; quantized strategies add a Quantization section (size, latency, merge drift).
 Output: OUT/<study name>/ with results.sqlite (one row per run), runs/<strategy>-seed<N>/,
 report.md, report.html (self-contained), results.csv and plots/. Interrupt it at any point and
 run the same command again: finished runs are skipped, unfinished ones resume.

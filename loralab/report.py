@@ -815,6 +815,7 @@ margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.92em}
 th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
 th:first-child,td:first-child,th.t,td.t{text-align:left}
+td:not(.t){white-space:nowrap}
 thead th{background:#f3f3f3}
 tr.published td{font-style:italic;color:#555;background:#fafaf0}
 .note{color:#666;font-size:.88em}
