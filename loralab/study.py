@@ -634,10 +634,15 @@ def default_run_fn(config: dict[str, Any], resume: bool) -> dict[str, Any]:
     """Train one run with `loralab.train.train` (imported lazily: it pulls in torch), on data
     built by `build_task_data` so the record's metrics are keyed by the study's eval sets."""
     from loralab import train as train_mod
+    from loralab.checkpoint import seed_everything
     from loralab.models import load_model
 
     tc = to_train_config(config)
     t0 = time.perf_counter()
+    # Seed before loading, as train() does when it loads the model itself: a newly initialised
+    # head (a classifier) must depend on the run's seed only, not on what earlier runs of the
+    # study drew from the global RNG (else strategies of one seed start from different heads).
+    seed_everything(tc.seed)
     loaded = load_model(tc.model, tc.task, num_labels=tc.num_labels)
     task_data = build_task_data(config, loaded.tokenizer)
     data_seconds = time.perf_counter() - t0

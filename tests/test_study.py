@@ -356,3 +356,28 @@ def test_generation_prompts_from_held_out_blocks():
     cfg = st.decode_config({"max_new_tokens": 5, "num_beams": 3})
     assert (cfg.num_beams, cfg.length_penalty, cfg.no_repeat_ngram_size, cfg.max_new_tokens) \
         == (3, 1.0, 0, 5)
+
+
+def test_run_fn_seeds_before_loading_the_model(monkeypatch, tmp_path):
+    """A new head drawn at load time depends on the run's seed only, not on what earlier runs in
+    the same process drew from the global RNG (the study loads the model before train())."""
+    import torch
+
+    import loralab.models
+    import loralab.train
+
+    drawn = []
+
+    def fake_load(model, task, num_labels=None):
+        drawn.append(torch.rand(3))  # stands for a classifier initialised from the global RNG
+        return type("Loaded", (), {"model": None, "tokenizer": None})()
+
+    monkeypatch.setattr(loralab.models, "load_model", fake_load)
+    monkeypatch.setattr(st, "build_task_data", lambda config, tokenizer: None)
+    monkeypatch.setattr(loralab.train, "train", lambda tc, **kw: {"status": "finished",
+                                                                   "metrics": {}, "costs": {}})
+    config = st.run_matrix(st.parse_study(BASE), tmp_path)[1].config
+    st.default_run_fn(config, False)
+    torch.rand(100)  # an earlier run used the global RNG
+    st.default_run_fn(config, False)
+    assert torch.equal(drawn[0], drawn[1])
