@@ -86,10 +86,13 @@ def worker_loralab(args) -> dict:
                              preset=args.preset, rank=args.rank, alpha=2.0 * args.rank,
                              dropout=args.dropout, max_steps=steps, batch_size=args.batch,
                              grad_accum=1, lr=1e-4, seq_len=args.seq, precision=args.precision,
-                             eval_every=10**9, warmup_steps=0, out=os.path.join(out, "run"))
+                             eval_every=10**9, warmup_steps=0, compile=args.compile,
+                             out=os.path.join(out, "run"))
         record = train(config, loaded=loaded, task_data=data)
     costs = record["costs"]
+    steady = (costs["train_seconds"] - costs["first_step_seconds"]) / max(1, args.steps)
     return {"tokens_per_second": costs["tokens_per_second"],
+            "first_step_extra": costs["first_step_seconds"] - steady,
             "peak_rss_delta": costs["peak_memory_bytes"], "mfu": costs.get("mfu"),
             "trainable": costs["trainable_params"]}
 
@@ -174,7 +177,7 @@ def _run_worker(kind: str, args, **overrides) -> dict:
     values = vars(args) | overrides
     cmd = [sys.executable, __file__, "worker", "--impl", kind]
     for key in ("model", "method", "preset", "rank", "dropout", "batch", "seq", "precision",
-                "steps", "repeats"):
+                "steps", "repeats", "compile"):
         cmd += [f"--{key}", str(values[key])]
     env = os.environ | {"PYTHONPATH": ROOT, "TRANSFORMERS_VERBOSITY": "error"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -187,33 +190,47 @@ def _summary(values: list[float]) -> str:
     return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
-def compare(args) -> dict:
-    results: dict[str, list[dict]] = {"loralab": [], "peft": []}
+def compare(args) -> list[dict]:
+    """Interleave loralab (eager and/or compiled, per --compile) and PEFT: one row per loralab
+    variant, each against the same PEFT runs."""
+    variants = ["off", "on"] if args.compile == "both" else [args.compile]
+    sides = [f"loralab-{v}" for v in variants] + ["peft"]
+    results: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(args.repeats):
-        for kind in ("loralab", "peft"):
-            results[kind].append(_run_worker(kind, args))
+        for side in sides:
+            kind, _, setting = side.partition("-")
+            results[side].append(_run_worker(kind, args, **({"compile": setting} if setting
+                                                             else {})))
     tps = {k: [r["tokens_per_second"] for r in v] for k, v in results.items()}
     mem = {k: [r["peak_rss_delta"] / 2**20 for r in v] for k, v in results.items()}
-    speed = statistics.median(tps["loralab"]) / statistics.median(tps["peft"])
-    memory = statistics.median(mem["loralab"]) / statistics.median(mem["peft"])
-    row = {"model": args.model, "shape": f"{args.batch}x{args.seq}", "precision": args.precision,
-           "preset": args.preset, "dropout": args.dropout, "rank": args.rank,
-           "loralab_tps": _summary(tps["loralab"]), "peft_tps": _summary(tps["peft"]),
-           "speedup": speed, "loralab_mb": _summary(mem["loralab"]),
-           "peft_mb": _summary(mem["peft"]), "memory_ratio": memory,
-           "trainable": (results["loralab"][0]["trainable"], results["peft"][0]["trainable"])}
-    print(json.dumps(row), flush=True)
-    return row
+    rows = []
+    for variant in variants:
+        side = f"loralab-{variant}"
+        extra = statistics.median(r["first_step_extra"] for r in results[side])
+        row = {"model": args.model, "shape": f"{args.batch}x{args.seq}",
+               "precision": args.precision, "compile": variant,
+               "first_step_extra_s": round(extra, 1),
+               "preset": args.preset, "dropout": args.dropout, "rank": args.rank,
+               "loralab_tps": _summary(tps[side]), "peft_tps": _summary(tps["peft"]),
+               "speedup": statistics.median(tps[side]) / statistics.median(tps["peft"]),
+               "loralab_mb": _summary(mem[side]), "peft_mb": _summary(mem["peft"]),
+               "memory_ratio": statistics.median(mem[side]) / statistics.median(mem["peft"]),
+               "trainable": (results[side][0]["trainable"], results["peft"][0]["trainable"])}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("| model | batch x seq | precision | preset | dropout | loralab tok/s | PEFT tok/s | "
-            "speed-up | loralab peak MB | PEFT peak MB | memory ratio |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | batch x seq | precision | preset | dropout | compile | loralab tok/s | "
+            "PEFT tok/s | speed-up | loralab peak MB | PEFT peak MB | memory ratio | "
+            "loralab 1st-step extra s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {r['model']} | {r['shape']} | {r['precision']} | {r['preset']} | {r['dropout']} | "
-        f"{r['loralab_tps']} | {r['peft_tps']} | {r['speedup']:.2f}x | {r['loralab_mb']} | "
-        f"{r['peft_mb']} | {r['memory_ratio']:.2f}x |\n" for r in rows)
+        f"{r['compile']} | {r['loralab_tps']} | {r['peft_tps']} | {r['speedup']:.2f}x | "
+        f"{r['loralab_mb']} | {r['peft_mb']} | {r['memory_ratio']:.2f}x | "
+        f"{r['first_step_extra_s']} |\n" for r in rows)
     return head + body
 
 
@@ -227,7 +244,7 @@ def matrix(args) -> None:
                         scenario = argparse.Namespace(**(vars(args) | {
                             "model": model, "batch": batch, "seq": seq, "precision": precision,
                             "preset": preset, "dropout": dropout}))
-                        rows.append(compare(scenario))
+                        rows += compare(scenario)
     print(_table(rows))
 
 
@@ -236,7 +253,9 @@ def methods(args) -> None:
     results: dict[str, list[dict]] = {"full": [], "lora": [], "head": []}
     for _ in range(args.repeats):
         for method in results:
-            results[method].append(_run_worker("loralab", args, method=method))
+            results[method].append(_run_worker(
+                "loralab", args, method=method,
+                compile="off" if args.compile == "both" else args.compile))
     print("| method | tok/s (median, min-max) | step time ratio vs full | peak MB | MFU |")
     print("|---|---|---|---|---|")
     full = statistics.median(r["tokens_per_second"] for r in results["full"])
@@ -271,6 +290,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--compile", default="both", choices=["off", "on", "both"],
+                        help="loralab side: torch.compile its blocks or not, or both (two "
+                        "loralab variants interleaved with PEFT); the first step's extra time, "
+                        "mostly compilation, is reported separately")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -280,7 +303,7 @@ def main() -> None:
                 "inference": worker_inference}[args.impl]
         print(json.dumps(work(args)))
     elif args.mode == "compare":
-        print(_table([compare(args)]))
+        print(_table(compare(args)))
     else:
         {"matrix": matrix, "methods": methods, "inference": inference}[args.mode](args)
 

@@ -14,8 +14,9 @@ model's state_dict keys stay unchanged (no `_orig_mod.` prefix), so checkpoints,
 DDP are unaffected. The fused cross-entropy head (loralab.losses) stays eager.
 
 Compile time is paid once per process and graph (train mode with grad, and again for the
-no-grad evaluation graph), so `auto` compiles only runs long enough to win it back; the record
-reports the first step's extra seconds either way.
+no-grad evaluation graph; inductor's on-disk cache makes later processes much cheaper), so
+`auto` compiles only runs with enough work to win it back; the record reports the first step's
+seconds either way (`costs.first_step_seconds`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from torch import nn
 
 COMPILE_SETTINGS = ("auto", "on", "off")
 
-AUTO_MIN_STEPS = 200
-"""`auto` compiles runs with at least this many optimizer steps: on SmolLM2-135M at 8 x 128 on a
-2-core CPU the first compiled step costs ~30-60 s more while each later step is ~1-2 s faster
-(BENCHMARKS.md), so shorter runs would not win the compile time back."""
+AUTO_MIN_FLOPS = 1e14
+"""`auto` compiles runs whose training work, estimated as 6 x parameters x tokens (the dense
+forward + backward count), is at least this (100 TFLOP). Compile time hardly depends on the
+model (one block is compiled), while the gain per step grows with the work per step: on
+SmolLM2-135M at 8 x 128 on a 2-core CPU a cold compile costs about a minute and each later step
+saves seconds (BENCHMARKS.md), so ~120+ such steps pay it back; a 20-step study run or a small
+MiniLM classifier would not, and stays eager."""
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -70,9 +74,10 @@ def uncompile_blocks(model: nn.Module) -> int:
     return n
 
 
-def should_compile(setting: str, *, method: str, total_steps: int) -> tuple[bool, str]:
-    """(compile?, why) for a run: `on`/`off` as asked; `auto` compiles trained runs of at least
-    AUTO_MIN_STEPS steps, where the per-step gain outweighs the one-off compile time."""
+def should_compile(setting: str, *, method: str, total_steps: int, tokens_per_step: int = 0,
+                   params: int = 0) -> tuple[bool, str]:
+    """(compile?, why) for a run: `on`/`off` as asked; `auto` compiles trained runs whose
+    estimated work 6 * params * tokens_per_step * total_steps reaches AUTO_MIN_FLOPS."""
     if setting not in COMPILE_SETTINGS:
         raise ValueError(f"compile must be one of {COMPILE_SETTINGS}, got {setting!r}")
     if method == "none":
@@ -81,8 +86,9 @@ def should_compile(setting: str, *, method: str, total_steps: int) -> tuple[bool
         return True, "blocks compiled with torch.compile (--compile on)"
     if setting == "off":
         return False, "not compiled (--compile off)"
-    if total_steps >= AUTO_MIN_STEPS:
-        return True, (f"blocks compiled with torch.compile ({total_steps} steps >= "
-                      f"{AUTO_MIN_STEPS}: the compile time pays back)")
-    return False, (f"not compiled: {total_steps} steps < {AUTO_MIN_STEPS}, too short to win "
+    work = 6.0 * params * tokens_per_step * total_steps
+    if work >= AUTO_MIN_FLOPS:
+        return True, (f"blocks compiled with torch.compile (~{work / 1e12:.0f} TFLOP of training "
+                      "pays back the compile time)")
+    return False, (f"not compiled: ~{work / 1e12:.1f} TFLOP of training is too little to win "
                    "back the compile time (--compile on forces it)")

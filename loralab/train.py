@@ -1018,8 +1018,9 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
     mode = _parallel_mode(config, d)
     from loralab import compiling
 
-    compiled, why = compiling.should_compile(config.compile, method=config.method,
-                                             total_steps=total_steps)
+    compiled, why = compiling.should_compile(
+        config.compile, method=config.method, total_steps=total_steps, params=total,
+        tokens_per_step=global_batch * config.seq_len)
     if compiled and mode == "fsdp":
         compiled, why = False, "not compiled: FSDP runs eager here"
     if compiled:

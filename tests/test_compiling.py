@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
-from loralab.compiling import (AUTO_MIN_STEPS, compile_blocks, repeated_blocks, should_compile,
+from loralab.compiling import (AUTO_MIN_FLOPS, compile_blocks, repeated_blocks, should_compile,
                                uncompile_blocks)
 from loralab.lora import LoRAConfig, apply_lora, lora_modules
 
@@ -20,10 +22,14 @@ def test_repeated_blocks_are_the_layer_stack(make, where):
 
 
 def test_should_compile_policy():
-    assert should_compile("auto", method="lora", total_steps=AUTO_MIN_STEPS)[0]
-    assert not should_compile("auto", method="lora", total_steps=AUTO_MIN_STEPS - 1)[0]
+    big = dict(params=135_000_000, tokens_per_step=1024)  # SmolLM2 at 8 x 128
+    steps = math.ceil(AUTO_MIN_FLOPS / (6 * 135_000_000 * 1024))
+    assert should_compile("auto", method="lora", total_steps=steps, **big)[0]
+    assert not should_compile("auto", method="lora", total_steps=steps - 1, **big)[0]
+    assert not should_compile("auto", method="lora", total_steps=20, params=22_000_000,
+                              tokens_per_step=2048)[0]  # a short MiniLM run stays eager
     assert should_compile("on", method="full", total_steps=1)[0]
-    assert not should_compile("off", method="lora", total_steps=10**6)[0]
+    assert not should_compile("off", method="lora", total_steps=10**6, **big)[0]
     assert not should_compile("on", method="none", total_steps=10)[0]
     with pytest.raises(ValueError):
         should_compile("yes", method="lora", total_steps=10)
