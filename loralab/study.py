@@ -656,10 +656,12 @@ def default_run_fn(config: dict[str, Any], resume: bool) -> dict[str, Any]:
         if finished_before:
             model, tokenizer, _ = load_run_model(tc.out)
         t0 = time.perf_counter()
+        timings: dict[str, float] = {}
         for ev in gens:
-            scores = generation_scores(model, tokenizer, task_data, ev, config)
+            scores = generation_scores(model, tokenizer, task_data, ev, config, timings=timings)
             record["metrics"].setdefault(ev["name"], {}).update(scores)
         record["costs"]["generation_seconds"] = time.perf_counter() - t0
+        record["costs"].update(timings)  # decode_seconds, score_seconds
         _write_json(Path(tc.out) / "record.json", record)
     return record
 
@@ -715,11 +717,12 @@ def generate_hypotheses(model, tokenizer, prompts: list[str | list[int]], task: 
     return texts
 
 
-def generation_scores(model, tokenizer, task_data, ev: dict[str, Any], config: dict[str, Any]
-                      ) -> dict[str, float]:
+def generation_scores(model, tokenizer, task_data, ev: dict[str, Any], config: dict[str, Any],
+                      *, timings: dict[str, float] | None = None) -> dict[str, float]:
     """Decode the eval set's prompts and score them against its references with the E2E
     scorers (loralab.e2e_metrics): mteval BLEU/NIST, METEOR, ROUGE_L, CIDEr (when Java is
-    installed), sacreBLEU, chrF, TER, ROUGE-1/2/L."""
+    installed), sacreBLEU, chrF, TER, ROUGE-1/2/L. `timings` (if given) accumulates
+    decode_seconds and score_seconds, the two costs of a generation evaluation."""
     import shutil
 
     from loralab import e2e_metrics
@@ -728,11 +731,17 @@ def generation_scores(model, tokenizer, task_data, ev: dict[str, Any], config: d
     pairs = generation_prompts(tokenizer, task_data, ev, config)
     if not pairs:
         raise UserError(f"eval set '{ev['name']}': no examples to generate from")
+    t0 = time.perf_counter()
     hyps = generate_hypotheses(model, tokenizer, [p for p, _ in pairs], config["task"], gen)
+    t1 = time.perf_counter()
     java = bool(gen.get("java", True)) and shutil.which("java") is not None
     refs = [r for _, r in pairs]
     hyps = [h if h.strip() else "." for h in hyps]  # an empty output still counts, as a miss
     scores = e2e_metrics.score_e2e(refs, hyps, java=java)
+    if timings is not None:
+        timings["decode_seconds"] = timings.get("decode_seconds", 0.0) + t1 - t0
+        timings["score_seconds"] = (timings.get("score_seconds", 0.0)
+                                    + time.perf_counter() - t1)
     scores["generated"] = len(hyps)
     return {k: float(v) for k, v in scores.items()}
 
