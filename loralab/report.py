@@ -489,10 +489,14 @@ def terminal_report(data: StudyData) -> str:
 
 # ----------------------------------------------------------------------------- plots
 def _primary_metric(data: StudyData, set_name: str) -> str | None:
-    """The metric a Pareto plot shows for an eval set: perplexity for LM sets, else the first
-    higher-is-better metric recorded (F1, BLEU, ...), else the first metric."""
+    """The metric a Pareto plot shows for an eval set: BLEU for a `generate` study, perplexity
+    for LM sets, else the first higher-is-better metric recorded (F1, BLEU, ...), else the
+    first metric."""
     names = data.metrics.get(set_name, [])
-    for pref in ("perplexity", "f1", "F1", "BLEU", "bleu", "accuracy"):
+    prefs = ("perplexity", "f1", "F1", "BLEU", "bleu", "accuracy")
+    if data.config.get("task") == "generate":  # data-to-text: judged by its outputs (E2E: BLEU)
+        prefs = ("BLEU", "bleu") + prefs
+    for pref in prefs:
         if pref in names:
             return pref
     higher = [m for m in names if not lower_is_better(m)]

@@ -335,3 +335,12 @@ def test_number_columns_right_text_columns_left(built):
     assert cost[3] == "|---|---|" + "---:|" * 6  # strategy and method are text
     page = (built / "report.html").read_text()
     assert '<td class="t">finished</td>' in page and '<td class="t">untuned</td>' in page
+
+
+def test_primary_metric_follows_the_task():
+    """The Pareto view shows BLEU for data-to-text studies, perplexity for LM ones."""
+    metrics = {"e2e": ["loss", "perplexity", "BLEU", "NIST", "TER"]}
+    gen = report.StudyData("g", {"task": "generate"}, [], [], ["e2e"], metrics)
+    lm = report.StudyData("l", {"task": "lm"}, [], [], ["e2e"], metrics)
+    assert report._primary_metric(gen, "e2e") == "BLEU"
+    assert report._primary_metric(lm, "e2e") == "perplexity"
