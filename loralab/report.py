@@ -390,12 +390,17 @@ def deploy_table(data: StudyData) -> Table | None:
             lower = j >= n_q or lower_is_better(pairs[j][1])
             best = (min if lower else max)(v for _, v in col)
             bold |= {(i, 3 + j) for i, v in col if v == best}
+    note = ("The float + LoRA row is the lora-ptq run's model before quantization (LoRA "
+            "trained in float, merged), sized and timed in the same interleaved rounds as its "
+            "PTQ; other rows come from their own runs, timed at other moments of a shared "
+            "machine, so compare their latencies loosely. "
+            if any(s.method == "lora-ptq" for s in qs) else
+            "Each row comes from its own run, timed at a different moment of a shared machine, "
+            "so compare latencies loosely (add a lora-ptq strategy for a float + LoRA row "
+            "timed alongside its quantized model). ")
     return Table("Deployment: quality, size on disk and latency", header, rows, bold, set(),
-                 "The float + LoRA row is the lora-ptq run's model before quantization (LoRA "
-                 "trained in float, merged), sized and timed in the same interleaved rounds "
-                 "as its PTQ; QAT-LoRA and QLoRA rows come from their own runs, timed at other "
-                 "moments of a shared machine, so compare their latencies loosely. Best value "
-                 "per column in bold (smaller is better for size and latency).")
+                 note + "Best value per column in bold (smaller is better for size and "
+                 "latency).")
 
 
 def runs_table(data: StudyData) -> Table:
