@@ -40,6 +40,7 @@ COST_COLUMNS = (
     ("trainable_params", "trainable params", 1, "int"),
     ("trainable_pct", "% of total", 1, "pct"),
     ("artifact_bytes", "adapter/model MB", 1e-6, "num"),
+    ("data_seconds", "data prep (s)", 1, "num"),
     ("train_seconds", "train time (s)", 1, "num"),
     ("tokens_per_second", "tokens/s", 1, "num"),
     ("peak_memory_bytes", "peak memory (MB)", 1e-6, "num"),
@@ -263,10 +264,30 @@ def cost_table(data: StudyData) -> Table:
             rows.append([f"{r['name']} (published)", "–", fmt_value(float(r["params"]), "int")]
                         + ["–"] * (len(COST_COLUMNS) - 1))
     return Table("Cost per strategy", header, rows, set(), italic,
+                 _run_time_note(data) +
                  "Peak memory is the growth of the process's resident memory during training (see the "
                  "run records for tensor-level peaks); adapter/model MB is the size on disk of "
                  f"what the run saved. {NOT_TRAINED} = not trained (the untuned model): no "
                  "training cost to measure.")
+
+
+RUN_TIME_PARTS = (("load_seconds", "model loading"), ("data_seconds", "data preparation"),
+                  ("train_seconds", "training"), ("eval_seconds", "evaluation"),
+                  ("generation_seconds", "generation"))
+
+
+def _run_time_note(data: StudyData) -> str:
+    """The study's run time, summed over its runs and split by phase, so a reader sees what a
+    rerun costs and that data preparation (tokenised sets are cached) does not dominate."""
+    parts = {key: sum(sum(s.costs[key].values) for s in data.strategies if s.costs.get(key))
+             for key, _ in RUN_TIME_PARTS}
+    total = sum(parts.values())
+    if total <= 0:
+        return ""
+    split = ", ".join(f"{label} {parts[key]:.0f} s" for key, label in RUN_TIME_PARTS
+                      if parts[key] > 0)
+    return (f"Run time of the whole study: {total:.0f} s ({total / 60:.1f} min), summed over its "
+            f"runs: {split}. ")
 
 
 def _dig(obj: Any, *path: str) -> float | None:

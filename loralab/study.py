@@ -644,11 +644,17 @@ def default_run_fn(config: dict[str, Any], resume: bool) -> dict[str, Any]:
     # study drew from the global RNG (else strategies of one seed start from different heads).
     seed_everything(tc.seed)
     loaded = load_model(tc.model, tc.task, num_labels=tc.num_labels)
+    t1 = time.perf_counter()
     task_data = build_task_data(config, loaded.tokenizer)
-    data_seconds = time.perf_counter() - t0
+    load_seconds, data_seconds = t1 - t0, time.perf_counter() - t1
     finished_before = resume and (_read_record(Path(tc.out)) or {}).get("status") == "finished"
     record = train_mod.train(tc, resume=resume, loaded=loaded, task_data=task_data)
-    record.setdefault("costs", {}).setdefault("load_seconds", data_seconds)
+    if not finished_before:  # model loading and data preparation, reported apart from training
+        record.setdefault("costs", {}).update({
+            "load_seconds": load_seconds, "data_seconds": data_seconds,
+            "data_from_cache": bool(getattr(task_data, "from_cache", False))})
+        if (Path(tc.out) / "record.json").exists():
+            _write_json(Path(tc.out) / "record.json", record)
     gens = [e for e in config.get("eval_sets", []) if e.get("generate") is not None]
     if gens and record.get("status") == "finished":
         # train() returns a finished record without training: use the saved weights instead

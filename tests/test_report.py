@@ -48,7 +48,8 @@ def recorded_run(config: dict, resume: bool) -> dict:
             "costs": {"trainable_params": trainable, "total_params": 1_000_000,
                       "trainable_pct": trainable / 1e4, "artifact_bytes": trainable * 4,
                       "train_seconds": 2.0 + config["seed"], "tokens_per_second": 500.0,
-                      "peak_memory_bytes": 2_000_000},
+                      "peak_memory_bytes": 2_000_000, "data_seconds": 0.5,
+                      "load_seconds": 1.0},
             "curves": {"train_loss": [[1, 3.0], [2, 2.8], [3, 2.7]], "val_loss": [[3, 3.1]],
                        "lr": [[1, 1e-3]]},
             "artifacts": {"adapter": None, "model": None, "tensorboard": None},
@@ -104,8 +105,11 @@ def test_published_rows_are_labelled_not_bold(built):
 def test_cost_table(built):
     md = (built / "report.md").read_text()
     cost = md.split("### Cost per strategy")[1]
-    assert "| lora-1 | lora | 4,096 | 0.41% | 0.01638 | 2.5 ± 0.7071 |" in cost
+    assert "| lora-1 | lora | 4,096 | 0.41% | 0.01638 | 0.5 | 2.5 ± 0.7071 |" in cost
     assert "| untuned | none | 0 |" in cost
+    # the study's run time, split by phase, from the records alone
+    note = next(line for line in cost.splitlines() if line.startswith("Run time of the whole"))
+    assert "model loading" in note and "data preparation" in note and "training" in note
 
 
 def test_csv_has_every_run_and_metric(built):
@@ -198,7 +202,8 @@ def test_untuned_row_has_no_training_costs(built):
     row = next(line for line in cost.splitlines() if line.startswith("| untuned |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:4] == ["untuned", "none", "0", "0%"]
-    assert cells[4:] == [report.NOT_TRAINED] * 4
+    # its data preparation is real (the eval sets are tokenised), its training costs are not
+    assert cells[4:] == [report.NOT_TRAINED, "0.5"] + [report.NOT_TRAINED] * 3
     assert "not trained" in cost
     data = report.load(built)[0]
     assert "## Quantization" not in md and report.quant_tables(data) == []
@@ -332,7 +337,7 @@ def test_number_columns_right_text_columns_left(built):
     runs = md.split("### Runs")[1].splitlines()
     assert runs[3] == "|---|---:|---|---|---|---|"  # strategy, seed, status, error, notes, dir
     cost = md.split("### Cost per strategy")[1].splitlines()
-    assert cost[3] == "|---|---|" + "---:|" * 6  # strategy and method are text
+    assert cost[3] == "|---|---|" + "---:|" * 7  # strategy and method are text
     page = (built / "report.html").read_text()
     assert '<td class="t">finished</td>' in page and '<td class="t">untuned</td>' in page
 
