@@ -146,7 +146,6 @@ def worker_inference(args) -> dict:
     model, _ = _model(args.model)
     model.eval()
     ids = _batches(model.config.vocab_size, args.batch, args.seq, 1)[0]
-    base_state = None
     timings: dict[str, list[float]] = {"base": [], "unmerged": [], "merged": []}
 
     def once() -> float:
@@ -167,7 +166,6 @@ def worker_inference(args) -> dict:
         merge_adapters(model)
         timings["merged"].append(once())
         unmerge_adapters(model)
-    del base_state
     return {k: statistics.median(v) for k, v in timings.items()}
 
 

@@ -69,7 +69,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralab import checkpoint as ckpt
-from loralab import measure
+from loralab import compiling, measure
+from loralab.compiling import COMPILE_SETTINGS
 from loralab.errors import UserError
 from loralab.models import task_head, untie_head
 
@@ -143,8 +144,8 @@ class TrainConfig:
     """Under torchrun: auto (FSDP for full fine-tuning, DDP otherwise), ddp, or fsdp (full
     only: parameters, gradients and optimizer state sharded over the processes)."""
     compile: str = "auto"
-    """torch.compile the repeated blocks (loralab.compiling): auto (runs of at least
-    compiling.AUTO_MIN_STEPS steps, where the compile time pays back), on, or off."""
+    """torch.compile the repeated blocks (loralab.compiling): auto (runs with at least
+    compiling.AUTO_MIN_FLOPS of estimated work, where the compile time pays back), on, or off."""
     fused_loss: bool = True
     """Causal LMs: compute the loss from hidden states in chunks, never the full logits
     (loralab.losses); off = the model's own logits + cross-entropy."""
@@ -203,8 +204,8 @@ class TrainConfig:
              f"parallel fsdp shards full fine-tuning only, not method {self.method!r}; use "
              "--parallel ddp or auto"),
             (self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}"),
-            (self.compile in ("auto", "on", "off"), f"unknown compile {self.compile!r}; choose "
-                                                    "auto, on or off"),
+            (self.compile in COMPILE_SETTINGS, f"unknown compile {self.compile!r}; choose "
+                                               f"{', '.join(COMPILE_SETTINGS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -1016,18 +1017,14 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
     warmup = config.warmup_steps or round(config.warmup_ratio * total_steps)
 
     mode = _parallel_mode(config, d)
-    from loralab import compiling
-
     compiled, why = compiling.should_compile(
         config.compile, method=config.method, total_steps=total_steps, params=total,
         tokens_per_step=global_batch * config.seq_len)
-    if compiled and mode == "fsdp":
-        compiled, why = False, "not compiled: FSDP runs eager here"
+    compiled = compiled and mode != "fsdp"  # FSDP runs eager here
     if compiled:
         compiling.compile_blocks(model)
-    record["env"]["compiled"] = compiled
-    if compiled:
         notes.append(why)
+    record["env"]["compiled"] = compiled
     step_module = _step_module(model, config, d)
     fused = step_module is not model
     if mode == "fsdp":  # before the optimizer: it must hold the sharded parameters
