@@ -13,7 +13,8 @@ T x d_out temporaries (B's output, the scaling, the sum). Here:
 
 - forward computes `out = x W^T + b`, then adds the low-rank term in place with `addmm_`;
 - it saves x, A, B (and a reference to the frozen W, needed for dx; no copy) and nothing of size
-  T x d_out; the dropout mask is regenerated in backward from a saved seed instead of being kept;
+  T x d_out; the dropout mask is regenerated in backward from a saved seed instead of being kept
+  (a boolean mask from 16-bit uniforms, `keep_mask`, with 1 / P(keep) folded into s);
 - backward recomputes u = D(x) A^T (T x r, cheap) and forms
       gB = g B,  dB = s g^T u,  dA = s gB^T D(x),  dx = g W + s D'(gB A)
   and never a gradient for the frozen W (unless W itself requires grad).
@@ -99,14 +100,33 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """keep / (1 - p) with keep ~ Bernoulli(1 - p), drawn from a generator seeded with `seed`,
-    so forward and backward (and tests) can regenerate the same mask instead of storing it."""
+def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device
+              ) -> tuple[torch.Tensor, float]:
+    """(keep, rescale): a boolean dropout keep-mask drawn from a generator seeded with `seed`
+    (so forward, backward and tests can regenerate it instead of storing it) and 1 / P(keep).
+
+    Each element gets a 16-bit uniform u from 64-bit random words (four elements per word) and
+    is dropped when u < round(p 2^16), so P(drop) is p rounded to a multiple of 2^-16 (0.1 ->
+    0.100006) and `rescale` uses that exact keep probability: E[keep * rescale] = 1. Why not
+    `bernoulli_`: on the CPU it draws one Mersenne-Twister number per element, 6.8 ms for a
+    1024 x 576 mask on this machine against 1.5 ms here, and a LoRA step draws one mask per
+    adapted layer in forward and again in backward (~15% of a SmolLM2 q,v step).
+    """
+    threshold = round(p * 65536)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    mask = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
-    return mask.div_(1.0 - p)
+    n = shape.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-2**63, 2**63 - 1, generator=generator)  # 64 uniform bits per word
+    u = words.view(torch.int16)[:n].view(shape)  # signed view: u + 2^15 is uniform on [0, 2^16)
+    return u >= threshold - 32768, 65536 / (65536 - threshold)
+
+
+def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The same mask as `keep_mask` in the form keep / P(keep), as a `dtype` tensor."""
+    keep, rescale = keep_mask(shape, p, seed, device)
+    return keep.to(dtype).mul_(rescale)
 
 
 def draw_seed() -> int:
@@ -130,10 +150,14 @@ class _LoRAMatmul(torch.autograd.Function):
                 out = torch.addmm(b, x2, w) if b is not None else x2 @ w
             else:
                 out = F.linear(x2, w, b)                            # (N, d_out)
-            xd = x2 * dropout_mask(x2.shape, p, seed, x2.device, dtype) if p > 0 else x2
+            if p > 0:  # D(x) = keep * x / P(keep): the 1 / P(keep) goes into the scale
+                keep, rescale = keep_mask(x2.shape, p, seed, x2.device)
+                xd, scale_d = x2 * keep, scale * rescale
+            else:
+                xd, scale_d = x2, scale
             u = xd @ lora_a.to(dtype).T                             # (N, k r)
             del xd
-            _add_low_rank(out, u, lora_b.to(dtype), slices, scale)
+            _add_low_rank(out, u, lora_b.to(dtype), slices, scale_d)
         ctx.save_for_backward(x, weight, lora_a, lora_b)
         ctx.meta = (scale, slices, p, seed, conv1d, dtype, bias is not None and bias.requires_grad)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -147,8 +171,9 @@ class _LoRAMatmul(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (N, d_out)
             x2 = x.reshape(-1, d_in).to(dtype)
-            mask = dropout_mask(x2.shape, p, seed, x2.device, dtype) if p > 0 else None
-            xd = x2 * mask if mask is not None else x2
+            keep, rescale = keep_mask(x2.shape, p, seed, x2.device) if p > 0 else (None, 1.0)
+            xd = x2 * keep if keep is not None else x2              # D(x) P(keep)
+            scale = scale * rescale                                 # s / P(keep)
             a = lora_a.to(dtype)
             b = lora_b.to(dtype)
             u = xd @ a.T                                            # (N, k r), recomputed
@@ -167,10 +192,10 @@ class _LoRAMatmul(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 w = _dense(weight).to(dtype)
                 d_x = g @ w.T if conv1d else g @ w                  # (N, d_in): frozen path
-                if mask is None:
+                if keep is None:
                     d_x.addmm_(g_b, a, alpha=scale)
                 else:
-                    d_x.add_((g_b @ a).mul_(mask), alpha=scale)
+                    d_x.add_((g_b @ a).mul_(keep), alpha=scale)
                 d_x = d_x.view(x.shape).to(x.dtype)
             if ctx.needs_input_grad[1]:                             # only if W is not frozen
                 d_w = (x2.T @ g) if conv1d else (g.T @ x2)

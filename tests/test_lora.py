@@ -309,3 +309,22 @@ def test_glob_targets():
     names = [n for n, _ in lora_modules(model)]
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
                      "model.layers.1.mlp.down_proj"]
+
+
+def test_keep_mask_rate_rescale_and_seed():
+    """The fast 16-bit mask drops p (rounded to 2^-16) of the elements, its rescale makes the
+    mean of keep * rescale 1, the same seed gives the same mask and odd sizes work."""
+    from loralab.lora import keep_mask
+
+    shape = torch.Size((1001, 577))                      # not a multiple of four elements
+    keep, rescale = keep_mask(shape, 0.1, seed=7, device=torch.device("cpu"))
+    assert keep.dtype == torch.bool and keep.shape == shape
+    dropped = 1.0 - keep.double().mean().item()
+    assert abs(dropped - 0.1) < 4 * (0.1 * 0.9 / shape.numel()) ** 0.5   # 4 sigma
+    assert rescale == pytest.approx(1 / (1 - 6554 / 65536))
+    assert torch.equal(keep, keep_mask(shape, 0.1, 7, torch.device("cpu"))[0])
+    assert not torch.equal(keep, keep_mask(shape, 0.1, 8, torch.device("cpu"))[0])
+    # each of the four 16-bit lanes of a word is uniform: the drop rate holds per lane
+    lanes = keep.flatten()[: shape.numel() // 4 * 4].view(-1, 4).double().mean(0)
+    assert torch.allclose(lanes, torch.full((4,), 0.9, dtype=torch.float64), atol=0.01)
+    assert keep_mask(shape, 0.0, 1, torch.device("cpu"))[0].all()
