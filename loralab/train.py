@@ -374,6 +374,10 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
         apply_lora(model, LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                                      targets=_lora_targets(config.preset), rslora=config.rslora,
                                      train_head=train_head))
+        # frozen SwiGLU MLPs keep 2 of their 5 activations for backward (loralab.lean_mlp)
+        from loralab.lean_mlp import lean_mlps
+
+        lean_mlps(model)
         if train_head:
             notes.append("classifier trained with the adapters (newly initialised head)")
         if config.method == "lora-head":

@@ -1,0 +1,131 @@
+"""The lean frozen SwiGLU MLP against the plain transformers LlamaMLP (the naive reference)."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaMLP
+
+from loralab.lean_mlp import LeanSwiGLU, lean_mlps
+
+
+def _mlp(seed: int = 0) -> LlamaMLP:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=48, intermediate_size=128, hidden_act="silu",
+                         num_attention_heads=4, num_key_value_heads=2)
+    return LlamaMLP(config)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd keeps for backward while `fn` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_lean_matches_plain_output_and_input_gradient():
+    plain = _mlp().requires_grad_(False)
+    lean = LeanSwiGLU(plain.gate_proj, plain.up_proj, plain.down_proj)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    grad = torch.randn(3, 7, 48)
+    assert lean.lean()
+    y_ref = plain(x)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, grad)
+    y = lean(x)
+    (dx,) = torch.autograd.grad(y, x, grad)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_lean_saves_only_gate_and_up():
+    plain = _mlp().requires_grad_(False)
+    lean = LeanSwiGLU(plain.gate_proj, plain.up_proj, plain.down_proj)
+    x = torch.randn(4, 16, 48, requires_grad=True)
+    _, plain_bytes = _saved_bytes(lambda: plain(x))
+    _, lean_bytes = _saved_bytes(lambda: lean(x))
+    weights = sum(p.numel() * 4 for p in plain.parameters())
+    activations = 2 * 4 * 16 * 128 * 4                               # g and u, fp32
+    assert lean_bytes - weights == activations
+    assert plain_bytes - weights == 3 * activations // 2             # g, silu(g), u
+
+
+def test_trainable_weight_falls_back_to_plain_path_with_weight_gradients():
+    plain = _mlp()
+    lean = LeanSwiGLU(plain.gate_proj, plain.up_proj, plain.down_proj)
+    plain.requires_grad_(False)
+    plain.up_proj.weight.requires_grad_(True)
+    assert not lean.lean()
+    x = torch.randn(2, 5, 48)
+    lean(x).sum().backward()
+    assert plain.up_proj.weight.grad is not None and plain.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_no_grad_and_bf16_autocast():
+    plain = _mlp().requires_grad_(False)
+    lean = LeanSwiGLU(plain.gate_proj, plain.up_proj, plain.down_proj)
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    with torch.no_grad():
+        assert not lean.lean()
+        torch.testing.assert_close(lean(x), plain(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = plain(x)
+        y = lean(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    (dx,) = torch.autograd.grad(y.float().sum(), x)
+    assert dx.dtype == torch.float32 and torch.isfinite(dx).all()
+
+
+def test_lean_mlps_swaps_llama_mlps_and_keeps_state_dict_keys():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).requires_grad_(False)
+    keys = list(model.state_dict())
+    ids = torch.randint(0, 64, (2, 9))
+    ref = model(input_ids=ids).logits
+    assert lean_mlps(model) == 2
+    assert lean_mlps(model) == 0                                     # idempotent
+    assert all(isinstance(layer.mlp, LeanSwiGLU) for layer in model.model.layers)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(input_ids=ids).logits, ref)
+
+
+def test_lora_training_step_matches_plain_mlps():
+    """One adapted model with lean MLPs and one without give the same loss and LoRA grads."""
+    from loralab.lora import LoRAConfig, apply_lora, lora_parameters
+
+    def build(lean: bool):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        model = LlamaForCausalLM(config)
+        apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="qv"))
+        for p in lora_parameters(model):
+            nn.init.normal_(p, std=0.1)
+        if lean:
+            lean_mlps(model)
+        return model
+
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for lean in (False, True):
+        model = build(lean)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in lora_parameters(model)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["gpt2"])
+def test_other_mlps_are_left_alone(name):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    assert lean_mlps(model) == 0
