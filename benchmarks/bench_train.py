@@ -93,7 +93,8 @@ def worker_loralab(args) -> dict:
     steady = (costs["train_seconds"] - costs["first_step_seconds"]) / max(1, args.steps)
     return {"tokens_per_second": costs["tokens_per_second"],
             "first_step_extra": costs["first_step_seconds"] - steady,
-            "peak_rss_delta": costs["peak_memory_bytes"], "mfu": costs.get("mfu"),
+            "peak_rss_delta": costs["peak_memory_bytes"],
+            "flops_per_token": record["estimates"]["flops_per_token"],
             "trainable": costs["trainable_params"]}
 
 
@@ -136,7 +137,10 @@ def worker_peft(args) -> dict:
 
 
 def worker_inference(args) -> dict:
-    """Median forward latency of base, unmerged adapter and merged adapter, interleaved."""
+    """Median forward latency of base, unmerged adapter and merged adapter, interleaved
+    (base, unmerged, merged, base, ...): the base is an untouched copy of the model."""
+    import copy
+
     import torch
     from torch import nn
 
@@ -145,26 +149,26 @@ def worker_inference(args) -> dict:
 
     model, _ = _model(args.model)
     model.eval()
+    base = copy.deepcopy(model)
     ids = _batches(model.config.vocab_size, args.batch, args.seq, 1)[0]
     timings: dict[str, list[float]] = {"base": [], "unmerged": [], "merged": []}
 
-    def once() -> float:
+    def once(net) -> float:
         with torch.inference_mode():
             start = time.perf_counter()
-            model(input_ids=ids)
+            net(input_ids=ids)
             return time.perf_counter() - start
 
-    once()
-    for _ in range(args.repeats):
-        timings["base"].append(once())
     apply_lora(model, LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, targets=args.preset))
     for _, layer in lora_modules(model):
         nn.init.normal_(layer.lora_B, std=0.01)
     model.eval()
+    once(base), once(model)  # warm-up
     for _ in range(args.repeats):
-        timings["unmerged"].append(once())
+        timings["base"].append(once(base))
+        timings["unmerged"].append(once(model))
         merge_adapters(model)
-        timings["merged"].append(once())
+        timings["merged"].append(once(model))
         unmerge_adapters(model)
     return {k: statistics.median(v) for k, v in timings.items()}
 
@@ -254,13 +258,23 @@ def methods(args) -> None:
             results[method].append(_run_worker(
                 "loralab", args, method=method,
                 compile="off" if args.compile == "both" else args.compile))
+    import torch
+
+    from loralab.measure import benchmark_matmul
+
+    # measured here, in the same run, rather than taken from loralab's per-machine cache (which
+    # keeps whatever the first measurement saw, load included): best 2048^3 fp32 matmul of 5
+    peak = benchmark_matmul(torch.float32, "cpu", n=2048, iters=5)
+    print(f"MFU: model FLOPs per token x steady tokens/s over the fp32 matmul peak measured "
+          f"in this run, {peak / 1e9:.1f} GFLOP/s (best 2048^3 matmul of 5)")
     print("| method | tok/s (median, min-max) | step time ratio vs full | peak MB | MFU |")
     print("|---|---|---|---|---|")
     full = statistics.median(r["tokens_per_second"] for r in results["full"])
     for method, runs in results.items():
         tps = [r["tokens_per_second"] for r in runs]
         mem = [r["peak_rss_delta"] / 2**20 for r in runs]
-        mfu = statistics.median(r["mfu"] or 0.0 for r in runs)
+        mfu = statistics.median(r["flops_per_token"] * r["tokens_per_second"] / peak
+                                for r in runs)
         print(f"| {method} | {_summary(tps)} | {full / statistics.median(tps):.2f} | "
               f"{_summary(mem)} | {100 * mfu:.1f}% |")
 

@@ -1,0 +1,144 @@
+"""Where a LoRA training step's time and memory go: loralab's step vs transformers + PEFT.
+
+Builds the same step as `loralab.train` (the strategy's model surgery from `prepare_model`, the
+fused causal-LM loss, fused AdamW) and the hand-written PEFT step of `bench_train.py`, then
+
+- times forward (for loralab this includes the fused loss's gradient, formed in the forward
+  pass), backward and optimizer phases of a few steps, the sides interleaved;
+- profiles two steps of each with torch.profiler (self CPU time per op);
+- sums the activations autograd keeps for backward (distinct storages, parameters excluded),
+  grouped by the source line that saved them.
+
+    python benchmarks/profile_step.py --steps 3 --dropout 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
+
+
+def build(side: str, dropout: float, rank: int, preset: str):
+    """(model, loss_fn(ids) -> scalar loss, optimizer) for 'loralab' or 'peft'."""
+    from loralab.losses import CausalLMLoss
+    from loralab.models import load_model
+    from loralab.targets import resolve_targets
+    from loralab.train import make_config, prepare_model
+
+    torch.manual_seed(0)
+    model = load_model("smollm2-135m", "lm").model
+    if side == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        names = [t.name for t in resolve_targets(model, preset)]
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                 lora_dropout=dropout, target_modules=names))
+
+        def loss_fn(ids):
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        fused = False
+    else:
+        config = make_config(model="smollm2-135m", task="lm", data="synthetic", method="lora",
+                             preset=preset, rank=rank, alpha=2.0 * rank, dropout=dropout,
+                             out="unused")
+        prepare_model(model, config)
+        net = CausalLMLoss(model)
+
+        def loss_fn(ids):
+            return net(ids, torch.ones_like(ids), ids) / ids.numel()
+        fused = True
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, loss_fn, torch.optim.AdamW(params, lr=1e-4, fused=fused)
+
+
+def step(loss_fn, optimizer, ids) -> tuple[float, float, float]:
+    t0 = time.perf_counter()
+    loss = loss_fn(ids)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+def saved_by_line(model, loss_fn, ids) -> tuple[float, list[tuple[str, float]]]:
+    """MB of activations saved for backward in one forward, total and by source line."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    by_line: collections.Counter = collections.Counter()
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen and key not in params:
+            seen[key] = t.untyped_storage().nbytes()
+            frames = [f for f in traceback.extract_stack()
+                      if "transformers" in f.filename or "loralab" in f.filename
+                      or "peft" in f.filename]
+            where = (f"{Path(frames[-1].filename).name}:{frames[-1].lineno} "
+                     f"{(frames[-1].line or '')[:50]}") if frames else "?"
+            by_line[where] += seen[key]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(ids)
+    del loss
+    return sum(seen.values()) / 2**20, [(k, v / 2**20) for k, v in by_line.most_common(8)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--preset", default="qv")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=12, help="ops listed per profile")
+    args = parser.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 49152, (8, 128), generator=generator)
+               for _ in range(args.steps + 1)]
+    sides = {s: build(s, args.dropout, args.rank, args.preset) for s in ("loralab", "peft")}
+    for _, loss_fn, optimizer in sides.values():
+        step(loss_fn, optimizer, batches[0])                    # warm-up
+    phases = {s: [] for s in sides}
+    for ids in batches[1:]:
+        for side, (_, loss_fn, optimizer) in sides.items():
+            phases[side].append(step(loss_fn, optimizer, ids))
+    print(f"SmolLM2-135M, LoRA {args.preset} r={args.rank}, dropout {args.dropout}, 8 x 128 "
+          f"fp32; medians of {args.steps} steps (s)")
+    print("| side | forward (+ fused loss grad) | backward | optimizer | step |")
+    print("|---|---|---|---|---|")
+    for side, rows in phases.items():
+        med = [statistics.median(r[i] for r in rows) for i in range(3)]
+        print(f"| {side} | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.3f} | {sum(med):.2f} |")
+    for side, (model, loss_fn, optimizer) in sides.items():
+        total, lines = saved_by_line(model, loss_fn, batches[0])
+        print(f"\n{side}: {total:,.0f} MB of activations saved for backward")
+        for where, mb in lines:
+            print(f"  {mb:7.1f} MB  {where}")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for ids in batches[1:3]:
+                step(loss_fn, optimizer, ids)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        whole = sum(e.self_cpu_time_total for e in events)
+        print(f"{side}: self CPU time by op over 2 steps ({whole / 1e6:.1f} s)")
+        for e in events[:args.rows]:
+            print(f"  {100 * e.self_cpu_time_total / whole:5.1f}%  {e.key} ({e.count} calls)")
+
+
+if __name__ == "__main__":
+    main()
