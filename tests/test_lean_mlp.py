@@ -6,7 +6,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaMLP
 
-from loralab.lean_mlp import LeanSwiGLU, lean_mlps
+from loralab.lean_mlp import LeanGeluMLP, LeanSwiGLU, lean_mlps
 
 
 def _mlp(seed: int = 0) -> LlamaMLP:
@@ -16,12 +16,15 @@ def _mlp(seed: int = 0) -> LlamaMLP:
     return LlamaMLP(config)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of distinct storages autograd keeps for backward while `fn` runs."""
+def _saved_bytes(fn, module: nn.Module) -> tuple[torch.Tensor, int]:
+    """fn()'s output and the bytes of distinct non-parameter storages autograd keeps for
+    backward while it runs (the activations)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -47,12 +50,11 @@ def test_lean_saves_only_gate_and_up():
     plain = _mlp().requires_grad_(False)
     lean = LeanSwiGLU(plain.gate_proj, plain.up_proj, plain.down_proj)
     x = torch.randn(4, 16, 48, requires_grad=True)
-    _, plain_bytes = _saved_bytes(lambda: plain(x))
-    _, lean_bytes = _saved_bytes(lambda: lean(x))
-    weights = sum(p.numel() * 4 for p in plain.parameters())
-    activations = 2 * 4 * 16 * 128 * 4                               # g and u, fp32
-    assert lean_bytes - weights == activations
-    assert plain_bytes - weights == 3 * activations // 2             # g, silu(g), u
+    _, plain_bytes = _saved_bytes(lambda: plain(x), plain)
+    _, lean_bytes = _saved_bytes(lambda: lean(x), plain)
+    f_bytes = 4 * 16 * 128 * 4                                       # one (tokens, f) fp32
+    assert lean_bytes == 2 * f_bytes                                 # g and u
+    assert plain_bytes == 3 * f_bytes                                # g, silu(g), u
 
 
 def test_trainable_weight_falls_back_to_plain_path_with_weight_gradients():
@@ -123,9 +125,80 @@ def test_lora_training_step_matches_plain_mlps():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["gpt2"])
-def test_other_mlps_are_left_alone(name):
+def _gpt2(layers: int = 1):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0,
+                        eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def test_gpt2_mlp_lean_matches_gelu_new_and_saves_only_h():
+    model = _gpt2().requires_grad_(False).eval()
+    plain = model.transformer.h[0].mlp
+    x = torch.randn(4, 16, 32, requires_grad=True)
+    y_ref, plain_bytes = _saved_bytes(lambda: plain(x), plain)
+    assert lean_mlps(model) == 1
+    lean = model.transformer.h[0].mlp
+    assert isinstance(lean, LeanGeluMLP) and lean.lean()
+    y, lean_bytes = _saved_bytes(lambda: lean(x), lean)
+    h_bytes = 4 * 16 * 128 * 4
+    assert lean_bytes == h_bytes                                 # h only
+    assert plain_bytes == 4 * h_bytes                            # gelu_new's intermediates
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-7)   # fused tanh-GELU: rounding
+    grad = torch.randn_like(y)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, grad)
+    (dx,) = torch.autograd.grad(y, x, grad)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_gpt2_lora_training_step_and_dropout_fallback():
+    """LoRA on c_attn with lean MLPs: same loss and adapter gradients as plain MLPs in eval
+    mode (residual dropout off); in train mode the MLP's dropout still applies; an adapted
+    c_fc (a LoRA layer, not a Conv1D) takes the plain path."""
+    from loralab.lora import LoRAConfig, apply_lora, lora_parameters
+
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for lean in (False, True):
+        model = _gpt2(layers=2)
+        apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="qv"))
+        for p in lora_parameters(model):
+            nn.init.normal_(p, std=0.1)
+        if lean:
+            assert lean_mlps(model) == 2
+        model.eval()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in lora_parameters(model)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    model.train()
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    assert (mlp(x) == 0).any()                                   # resid dropout p=0.1
+    model = _gpt2()
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="attn-proj-ffn"))
+    lean_mlps(model)
+    assert not model.transformer.h[0].mlp.lean()
+
+
+def test_other_mlps_are_left_alone():
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, vocab_size=64))
     assert lean_mlps(model) == 0
+
+
+def test_hooks_on_a_replaced_mlp_keep_firing_and_stay_removable():
+    model = _gpt2()
+    calls = []
+    handle = model.transformer.h[0].mlp.register_forward_hook(lambda m, a, o: calls.append(1))
+    lean_mlps(model)
+    ids = torch.randint(0, 64, (1, 5))
+    model(input_ids=ids)
+    assert calls == [1]
+    handle.remove()
+    model(input_ids=ids)
+    assert calls == [1]
