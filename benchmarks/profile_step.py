@@ -103,13 +103,15 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--preset", default="qv")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=12, help="ops listed per profile")
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
     generator = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 49152, (8, 128), generator=generator)
+    batches = [torch.randint(0, 49152, (args.batch, args.seq), generator=generator)
                for _ in range(args.steps + 1)]
     sides = {s: build(s, args.dropout, args.rank, args.preset) for s in ("loralab", "peft")}
     for _, loss_fn, optimizer in sides.values():
@@ -118,8 +120,8 @@ def main() -> None:
     for ids in batches[1:]:
         for side, (_, loss_fn, optimizer) in sides.items():
             phases[side].append(step(loss_fn, optimizer, ids))
-    print(f"SmolLM2-135M, LoRA {args.preset} r={args.rank}, dropout {args.dropout}, 8 x 128 "
-          f"fp32; medians of {args.steps} steps (s)")
+    print(f"SmolLM2-135M, LoRA {args.preset} r={args.rank}, dropout {args.dropout}, "
+          f"{args.batch} x {args.seq} fp32; medians of {args.steps} steps (s)")
     print("| side | forward (+ fused loss grad) | backward | optimizer | step |")
     print("|---|---|---|---|---|")
     for side, rows in phases.items():
