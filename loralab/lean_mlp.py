@@ -43,12 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls run in: autocast's dtype when autocast is on, else x's dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+from loralab.lora import compute_dtype
 
 
 class _FrozenSwiGLU(torch.autograd.Function):
@@ -56,7 +51,7 @@ class _FrozenSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
             g = F.linear(xc, w_gate.to(dtype))                     # (..., f)
@@ -112,7 +107,7 @@ class _FrozenGeluMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_fc, b_fc, w_proj, b_proj, approximate: str):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             h = torch.addmm(b_fc.to(dtype), x2, w_fc.to(dtype))    # (N, f)

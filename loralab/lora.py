@@ -92,7 +92,7 @@ def scaling(alpha: float, rank: int, rslora: bool = False) -> float:
 # The autograd function
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in: autocast's dtype when autocast is on, else x's dtype."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -140,7 +140,7 @@ class _LoRAMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float,
                 slices: tuple[tuple[int, int], ...], p: float, seed: int, conv1d: bool):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         d_in = x.shape[-1]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, d_in).to(dtype)                      # (N, d_in)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralab.lora import compute_dtype
+
 IGNORE_INDEX = -100
 
 
@@ -37,7 +39,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 label_smoothing: float, chunk_size: int, p: float, seed: int, grads: bool):
         n, d = hidden.shape
         vocab = weight.shape[0]
-        dtype = _compute_dtype(hidden)
+        dtype = compute_dtype(hidden)
         need_w = grads and weight.requires_grad
         need_b = grads and bias is not None and bias.requires_grad
         need_lora = grads and lora_a is not None and lora_a.requires_grad
@@ -133,13 +135,6 @@ def _chunk_mask(hidden: torch.Tensor, p: float, seed: int, start: int, chunk: in
     generator_seed = seed + start  # a distinct, reproducible stream per chunk
     return dropout_mask(torch.Size((rows, hidden.shape[1])), p, generator_seed, hidden.device,
                         dtype)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
