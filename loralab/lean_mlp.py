@@ -33,8 +33,9 @@ rounding (~1e-7 relative) rather than bit for bit.
 same child modules (`gate_proj`, `up_proj`, `down_proj`; `c_fc`, `c_proj`), so state-dict
 keys, target names and adapters are unchanged, and decides per call: the lean path only when
 all the projections are plain frozen tensors, gradients are on and torch.compile is not
-tracing (inductor makes its own choice of what to save); otherwise the plain composition. Unfreezing a projection later (full
-fine-tuning, a LoRA adapter on it) therefore falls back by itself.
+tracing (inductor makes its own choice of what to save); otherwise the plain composition.
+Unfreezing a projection later (full fine-tuning, a LoRA adapter on it) therefore falls back by
+itself.
 """
 
 from __future__ import annotations
@@ -75,12 +76,20 @@ class _FrozenSwiGLU(torch.autograd.Function):
         return dx.to(ctx.x_dtype), None, None, None
 
 
+def _frozen_plain(*tensors: torch.Tensor | None) -> bool:
+    """Every tensor is a plain tensor (not a quantized subclass) that does not require grad."""
+    return all(type(t) in (torch.Tensor, nn.Parameter) and not t.requires_grad for t in tensors)
+
+
+def _lean_call() -> bool:
+    """Gradients are on and torch.compile is not tracing: the calls a lean path is for."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def _plain_frozen(linear: nn.Module) -> bool:
-    """A bias-free nn.Linear (not a subclass such as a QAT or quantized layer) whose weight is
-    a plain tensor that does not require grad."""
-    return (type(linear) is nn.Linear and linear.bias is None
-            and type(linear.weight) in (torch.Tensor, nn.Parameter)
-            and not linear.weight.requires_grad)
+    """A bias-free nn.Linear (not a subclass such as a QAT or quantized layer) with a plain
+    frozen weight."""
+    return type(linear) is nn.Linear and linear.bias is None and _frozen_plain(linear.weight)
 
 
 class LeanSwiGLU(nn.Module):
@@ -92,8 +101,8 @@ class LeanSwiGLU(nn.Module):
 
     def lean(self) -> bool:
         """True when this call can take the lean path (see the module docstring)."""
-        return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and all(_plain_frozen(m) for m in (self.gate_proj, self.up_proj, self.down_proj)))
+        return _lean_call() and all(_plain_frozen(m)
+                                    for m in (self.gate_proj, self.up_proj, self.down_proj))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lean():
@@ -133,8 +142,7 @@ class _FrozenGeluMLP(torch.autograd.Function):
 def _plain_frozen_conv1d(layer: nn.Module) -> bool:
     """A transformers Conv1D with plain frozen weight and bias tensors."""
     return (type(layer).__name__ == "Conv1D" and layer.bias is not None
-            and all(type(t) in (torch.Tensor, nn.Parameter) and not t.requires_grad
-                    for t in (layer.weight, layer.bias)))
+            and _frozen_plain(layer.weight, layer.bias))
 
 
 def _gelu_approximation(act: nn.Module) -> str | None:
@@ -155,8 +163,7 @@ class LeanGeluMLP(nn.Module):
 
     def lean(self) -> bool:
         """True when this call can take the lean path (see the module docstring)."""
-        return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and self.approximate is not None
+        return (_lean_call() and self.approximate is not None
                 and _plain_frozen_conv1d(self.c_fc) and _plain_frozen_conv1d(self.c_proj))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

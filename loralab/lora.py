@@ -150,14 +150,12 @@ class _LoRAMatmul(torch.autograd.Function):
                 out = torch.addmm(b, x2, w) if b is not None else x2 @ w
             else:
                 out = F.linear(x2, w, b)                            # (N, d_out)
-            if p > 0:  # D(x) = keep * x / P(keep): the 1 / P(keep) goes into the scale
-                keep, rescale = keep_mask(x2.shape, p, seed, x2.device)
-                xd, scale_d = x2 * keep, scale * rescale
-            else:
-                xd, scale_d = x2, scale
+            # D(x) = keep * x / P(keep): the 1 / P(keep) goes into the scale
+            keep, rescale = keep_mask(x2.shape, p, seed, x2.device) if p > 0 else (None, 1.0)
+            xd = x2 * keep if keep is not None else x2
             u = xd @ lora_a.to(dtype).T                             # (N, k r)
             del xd
-            _add_low_rank(out, u, lora_b.to(dtype), slices, scale_d)
+            _add_low_rank(out, u, lora_b.to(dtype), slices, scale * rescale)
         ctx.save_for_backward(x, weight, lora_a, lora_b)
         ctx.meta = (scale, slices, p, seed, conv1d, dtype, bias is not None and bias.requires_grad)
         return out.view(*x.shape[:-1], out.shape[-1])
