@@ -3,10 +3,26 @@
 The public Python API::
 
     from loralab import LoRAConfig, apply_lora, merge_lora, save_adapter, load_adapter
+
+The names are imported on first use (PEP 562), so `import loralab.cli` does not import torch:
+the command line must set process-level memory options before torch starts (see
+`loralab.hostmem`), and `loralab --help` stays fast.
 """
 
-from loralab.adapter import load_adapter, save_adapter
-from loralab.lora import LoRAConfig, apply_lora, merge_lora
+from __future__ import annotations
 
-__all__ = ["LoRAConfig", "apply_lora", "merge_lora", "save_adapter", "load_adapter"]
+import importlib
+from typing import Any
+
+_EXPORTS = {"LoRAConfig": "loralab.lora", "apply_lora": "loralab.lora",
+            "merge_lora": "loralab.lora", "save_adapter": "loralab.adapter",
+            "load_adapter": "loralab.adapter"}
+
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'loralab' has no attribute {name!r}")

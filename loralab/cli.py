@@ -604,6 +604,9 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from loralab.hostmem import enable_for_this_process
+
+    enable_for_this_process()  # before anything imports torch: its allocator reads it once
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)

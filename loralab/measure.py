@@ -27,6 +27,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from loralab import hostmem
+
 
 # --- parameters and bytes ------------------------------------------------------------------
 
@@ -335,7 +337,8 @@ def environment(device: str) -> dict:
 
     env: dict = {"python": platform.python_version(), "torch": torch.__version__,
                  "device": device, "threads": torch.get_num_threads(),
-                 "platform": platform.platform()}
+                 "platform": platform.platform(),
+                 "huge_pages": hostmem.huge_pages_active(os.environ)}
     for lib in ("transformers", "datasets", "numpy", "peft"):
         try:
             env[lib] = __import__(lib).__version__
