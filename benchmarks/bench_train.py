@@ -16,6 +16,12 @@ loralab.measure.RSSSampler, started after the model and optimizer exist, on both
     # inference latency: base vs unmerged adapter vs merged
     python benchmarks/bench_train.py inference --model smollm2-135m
 
+Huge pages (`loralab.hostmem`): the `loralab` command turns on PyTorch's transparent-huge-page
+allocation for large tensors before torch starts, so the loralab worker does the same (it stands
+for a `loralab train` run); the PEFT worker runs with the process defaults, as a hand-written
+script does. `--ablate-huge-pages` adds two interleaved sides, loralab without huge pages and
+PEFT with them, so the setting's share of the speed-up is measured, not assumed.
+
 The PEFT side is what users write by hand: `get_peft_model` with the same target modules, rank,
 alpha and dropout, `model(input_ids, labels=...).loss.backward()`, `torch.optim.AdamW` with its
 defaults, `torch.autocast` for bf16. GPT-2's fused c_attn cannot be sliced in PEFT, so there the
@@ -62,6 +68,12 @@ def _batches(vocab: int, batch: int, seq: int, count: int):
     return [torch.randint(0, vocab, (batch, seq), generator=generator) for _ in range(count)]
 
 
+def _huge_pages() -> bool:
+    from loralab.hostmem import huge_pages_active
+
+    return huge_pages_active(os.environ)
+
+
 def worker_loralab(args) -> dict:
     import datasets
     import torch
@@ -95,7 +107,7 @@ def worker_loralab(args) -> dict:
             "first_step_extra": costs["first_step_seconds"] - steady,
             "peak_rss_delta": costs["peak_memory_bytes"],
             "flops_per_token": record["estimates"]["flops_per_token"],
-            "trainable": costs["trainable_params"]}
+            "trainable": costs["trainable_params"], "huge_pages": _huge_pages()}
 
 
 def worker_peft(args) -> dict:
@@ -133,7 +145,8 @@ def worker_peft(args) -> dict:
     peak = sampler.stop()
     steady = times[1:]
     return {"tokens_per_second": args.batch * args.seq * len(steady) / sum(steady),
-            "peak_rss_delta": peak, "trainable": sum(p.numel() for p in params)}
+            "peak_rss_delta": peak, "trainable": sum(p.numel() for p in params),
+            "huge_pages": _huge_pages()}
 
 
 def worker_inference(args) -> dict:
@@ -179,8 +192,8 @@ def _run_worker(kind: str, args, **overrides) -> dict:
     values = vars(args) | overrides
     cmd = [sys.executable, __file__, "worker", "--impl", kind]
     for key in ("model", "method", "preset", "rank", "dropout", "batch", "seq", "precision",
-                "steps", "repeats", "compile"):
-        cmd += [f"--{key}", str(values[key])]
+                "steps", "repeats", "compile", "huge_pages"):
+        cmd += [f"--{key.replace('_', '-')}", str(values[key])]
     env = os.environ | {"PYTHONPATH": ROOT, "TRANSFORMERS_VERBOSITY": "error"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -196,13 +209,18 @@ def compare(args) -> list[dict]:
     """Interleave loralab (eager and/or compiled, per --compile) and PEFT: one row per loralab
     variant, each against the same PEFT runs."""
     variants = ["off", "on"] if args.compile == "both" else [args.compile]
-    sides = [f"loralab-{v}" for v in variants] + ["peft"]
+    # side -> worker overrides; loralab gets huge pages as under the CLI, PEFT the defaults
+    sides = {f"loralab-{v}": {"impl": "loralab", "compile": v, "huge_pages": "on"}
+             for v in variants}
+    sides["peft"] = {"impl": "peft", "huge_pages": "off"}
+    if args.ablate_huge_pages:
+        sides["loralab-nohp"] = {"impl": "loralab", "compile": variants[0], "huge_pages": "off"}
+        sides["peft-hp"] = {"impl": "peft", "huge_pages": "on"}
     results: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(args.repeats):
-        for side in sides:
-            kind, _, setting = side.partition("-")
-            results[side].append(_run_worker(kind, args, **({"compile": setting} if setting
-                                                             else {})))
+        for side, overrides in sides.items():
+            settings = {k: v for k, v in overrides.items() if k != "impl"}
+            results[side].append(_run_worker(overrides["impl"], args, **settings))
     tps = {k: [r["tokens_per_second"] for r in v] for k, v in results.items()}
     mem = {k: [r["peak_rss_delta"] / 2**20 for r in v] for k, v in results.items()}
     rows = []
@@ -218,8 +236,20 @@ def compare(args) -> list[dict]:
                "loralab_mb": _summary(mem[side]), "peft_mb": _summary(mem["peft"]),
                "memory_ratio": statistics.median(mem[side]) / statistics.median(mem["peft"]),
                "trainable": (results[side][0]["trainable"], results["peft"][0]["trainable"])}
+        row["huge_pages"] = (results[side][0]["huge_pages"], results["peft"][0]["huge_pages"])
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if args.ablate_huge_pages:
+        ablation = {side: _summary(tps[side]) for side in sides} | {
+            f"{side}_mb": _summary(mem[side]) for side in sides} | {
+            "shape": f"{args.batch}x{args.seq}", "model": args.model, "preset": args.preset,
+            "dropout": args.dropout,
+            "loralab_vs_peft_both_hp": statistics.median(tps[f"loralab-{variants[0]}"])
+            / statistics.median(tps["peft-hp"]),
+            "loralab_vs_peft_no_hp": statistics.median(tps["loralab-nohp"])
+            / statistics.median(tps["peft"])}
+        print("huge-page ablation (tok/s and peak MB, median (min-max)):", json.dumps(ablation),
+              flush=True)
     return rows
 
 
@@ -306,11 +336,19 @@ def main() -> None:
                         help="loralab side: torch.compile its blocks or not, or both (two "
                         "loralab variants interleaved with PEFT); the first step's extra time, "
                         "mostly compilation, is reported separately")
+    parser.add_argument("--huge-pages", default="on", choices=["on", "off"],
+                        help=argparse.SUPPRESS)  # per worker, set by the driver
+    parser.add_argument("--ablate-huge-pages", action="store_true",
+                        help="compare: also run loralab without and PEFT with huge pages")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.mode == "worker":
         sys.path.insert(0, ROOT)
+        if args.huge_pages == "on":  # what the loralab CLI does, before torch is imported
+            from loralab.hostmem import enable_for_this_process
+
+            print(enable_for_this_process(), file=sys.stderr)
         work = {"loralab": worker_loralab, "peft": worker_peft,
                 "inference": worker_inference}[args.impl]
         print(json.dumps(work(args)))
