@@ -7,15 +7,23 @@ fused causal-LM loss, fused AdamW) and the hand-written PEFT step of `bench_trai
   pass), backward and optimizer phases of a few steps, the sides interleaved;
 - profiles two steps of each with torch.profiler (self CPU time per op);
 - sums the activations autograd keeps for backward (distinct storages, parameters excluded),
-  grouped by the source line that saved them.
+  grouped by the source line that saved them;
+- counts each step's minor page faults.
+
+Both sides share this process, so they share its allocator settings: run it with
+`THP_MEM_ALLOC_ENABLE=1` to see both as under the `loralab` command (huge pages for large
+tensors, `loralab.hostmem`), without it for the process defaults.
 
     python benchmarks/profile_step.py --steps 3 --dropout 0.1
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/profile_step.py --steps 3 --dropout 0.1
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
+import resource
 import statistics
 import sys
 import time
@@ -62,7 +70,9 @@ def build(side: str, dropout: float, rank: int, preset: str):
     return model, loss_fn, torch.optim.AdamW(params, lr=1e-4, fused=fused)
 
 
-def step(loss_fn, optimizer, ids) -> tuple[float, float, float]:
+def step(loss_fn, optimizer, ids) -> tuple[float, float, float, int]:
+    """(forward s, backward s, optimizer s, minor page faults) of one training step."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     loss = loss_fn(ids)
     t1 = time.perf_counter()
@@ -70,7 +80,8 @@ def step(loss_fn, optimizer, ids) -> tuple[float, float, float]:
     t2 = time.perf_counter()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return t1 - t0, t2 - t1, time.perf_counter() - t2
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def saved_by_line(model, loss_fn, ids) -> tuple[float, list[tuple[str, float]]]:
@@ -120,13 +131,16 @@ def main() -> None:
     for ids in batches[1:]:
         for side, (_, loss_fn, optimizer) in sides.items():
             phases[side].append(step(loss_fn, optimizer, ids))
+    huge = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
     print(f"SmolLM2-135M, LoRA {args.preset} r={args.rank}, dropout {args.dropout}, "
-          f"{args.batch} x {args.seq} fp32; medians of {args.steps} steps (s)")
-    print("| side | forward (+ fused loss grad) | backward | optimizer | step |")
-    print("|---|---|---|---|---|")
+          f"{args.batch} x {args.seq} fp32, THP_MEM_ALLOC_ENABLE={huge}; medians of "
+          f"{args.steps} steps (s)")
+    print("| side | forward (+ fused loss grad) | backward | optimizer | step | minor faults |")
+    print("|---|---|---|---|---|---|")
     for side, rows in phases.items():
-        med = [statistics.median(r[i] for r in rows) for i in range(3)]
-        print(f"| {side} | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.3f} | {sum(med):.2f} |")
+        med = [statistics.median(r[i] for r in rows) for i in range(4)]
+        print(f"| {side} | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.3f} | {sum(med[:3]):.2f} | "
+              f"{med[3]:,.0f} |")
     for side, (model, loss_fn, optimizer) in sides.items():
         total, lines = saved_by_line(model, loss_fn, batches[0])
         print(f"\n{side}: {total:,.0f} MB of activations saved for backward")
