@@ -118,13 +118,16 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=12, help="ops listed per profile")
+    parser.add_argument("--sides", default="loralab,peft",
+                        help="comma-separated; one side alone shows its own allocator "
+                        "behaviour (two sides share one heap)")
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 49152, (args.batch, args.seq), generator=generator)
                for _ in range(args.steps + 1)]
-    sides = {s: build(s, args.dropout, args.rank, args.preset) for s in ("loralab", "peft")}
+    sides = {s: build(s, args.dropout, args.rank, args.preset) for s in args.sides.split(",")}
     for _, loss_fn, optimizer in sides.values():
         step(loss_fn, optimizer, batches[0])                    # warm-up
     phases = {s: [] for s in sides}
