@@ -209,18 +209,16 @@ def compare(args) -> list[dict]:
     """Interleave loralab (eager and/or compiled, per --compile) and PEFT: one row per loralab
     variant, each against the same PEFT runs."""
     variants = ["off", "on"] if args.compile == "both" else [args.compile]
-    # side -> worker overrides; loralab gets huge pages as under the CLI, PEFT the defaults
-    sides = {f"loralab-{v}": {"impl": "loralab", "compile": v, "huge_pages": "on"}
-             for v in variants}
-    sides["peft"] = {"impl": "peft", "huge_pages": "off"}
+    # side -> (worker, overrides); loralab gets huge pages as under the CLI, PEFT the defaults
+    sides = {f"loralab-{v}": ("loralab", {"compile": v, "huge_pages": "on"}) for v in variants}
+    sides["peft"] = ("peft", {"huge_pages": "off"})
     if args.ablate_huge_pages:
-        sides["loralab-nohp"] = {"impl": "loralab", "compile": variants[0], "huge_pages": "off"}
-        sides["peft-hp"] = {"impl": "peft", "huge_pages": "on"}
+        sides["loralab-nohp"] = ("loralab", {"compile": variants[0], "huge_pages": "off"})
+        sides["peft-hp"] = ("peft", {"huge_pages": "on"})
     results: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(args.repeats):
-        for side, overrides in sides.items():
-            settings = {k: v for k, v in overrides.items() if k != "impl"}
-            results[side].append(_run_worker(overrides["impl"], args, **settings))
+        for side, (kind, overrides) in sides.items():
+            results[side].append(_run_worker(kind, args, **overrides))
     tps = {k: [r["tokens_per_second"] for r in v] for k, v in results.items()}
     mem = {k: [r["peak_rss_delta"] / 2**20 for r in v] for k, v in results.items()}
     rows = []

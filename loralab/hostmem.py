@@ -20,6 +20,7 @@ touches host buffers.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
@@ -66,8 +67,6 @@ def enable_huge_pages(environ: MutableMapping[str, str], modules: Mapping[str, o
 def enable_for_this_process() -> str:
     """`enable_huge_pages` on this process's environment, modules and kernel mode (the CLI
     calls it first thing; child processes such as torchrun workers inherit the variable)."""
-    import os
-
     return enable_huge_pages(os.environ, sys.modules, thp_mode())
 
 
