@@ -36,27 +36,39 @@ ROOT = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, ROOT)
 
 
-def build(side: str, dropout: float, rank: int, preset: str):
+def _model(name: str):
+    """SmolLM2-135M (bundled) or the GPT-2-shaped random model of `bench_train.py`."""
+    if name == "gpt2-shaped":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257,
+                                          n_positions=1024))
+    from loralab.models import load_model
+
+    return load_model(name, "lm").model
+
+
+def build(side: str, dropout: float, rank: int, preset: str, model_name: str):
     """(model, loss_fn(ids) -> scalar loss, optimizer) for 'loralab' or 'peft'."""
     from loralab.losses import CausalLMLoss
-    from loralab.models import load_model
     from loralab.targets import resolve_targets
     from loralab.train import make_config, prepare_model
 
     torch.manual_seed(0)
-    model = load_model("smollm2-135m", "lm").model
+    model = _model(model_name)
     if side == "peft":
         from peft import LoraConfig, get_peft_model
 
         names = [t.name for t in resolve_targets(model, preset)]
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                 lora_dropout=dropout, target_modules=names))
+                                                 lora_dropout=dropout, target_modules=names,
+                                                 fan_in_fan_out=model_name == "gpt2-shaped"))
 
         def loss_fn(ids):
             return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
         fused = False
     else:
-        config = make_config(model="smollm2-135m", task="lm", data="synthetic", method="lora",
+        config = make_config(model=model_name, task="lm", data="synthetic", method="lora",
                              preset=preset, rank=rank, alpha=2.0 * rank, dropout=dropout,
                              out="unused")
         prepare_model(model, config)
@@ -111,6 +123,8 @@ def saved_by_line(model, loss_fn, ids) -> tuple[float, list[tuple[str, float]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m or gpt2-shaped (12 layers, 768 wide, random weights)")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--preset", default="qv")
@@ -125,9 +139,11 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     generator = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 49152, (args.batch, args.seq), generator=generator)
+    sides = {s: build(s, args.dropout, args.rank, args.preset, args.model)
+             for s in args.sides.split(",")}
+    vocab = next(iter(sides.values()))[0].config.vocab_size
+    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=generator)
                for _ in range(args.steps + 1)]
-    sides = {s: build(s, args.dropout, args.rank, args.preset) for s in args.sides.split(",")}
     for _, loss_fn, optimizer in sides.values():
         step(loss_fn, optimizer, batches[0])                    # warm-up
     phases = {s: [] for s in sides}
@@ -135,7 +151,7 @@ def main() -> None:
         for side, (_, loss_fn, optimizer) in sides.items():
             phases[side].append(step(loss_fn, optimizer, ids))
     huge = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
-    print(f"SmolLM2-135M, LoRA {args.preset} r={args.rank}, dropout {args.dropout}, "
+    print(f"{args.model}, LoRA {args.preset} r={args.rank}, dropout {args.dropout}, "
           f"{args.batch} x {args.seq} fp32, THP_MEM_ALLOC_ENABLE={huge}; medians of "
           f"{args.steps} steps (s)")
     print("| side | forward (+ fused loss grad) | backward | optimizer | step | minor faults |")

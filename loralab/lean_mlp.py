@@ -29,6 +29,12 @@ so `_FrozenGeluMLP` saves h and uses PyTorch's fused tanh-approximate GELU, the 
 as "gelu_new" (transformers' own "gelu_pytorch_tanh" is that kernel), equal up to float
 rounding (~1e-7 relative) rather than bit for bit.
 
+When the GPT-2 projections train (full fine-tuning) or carry LoRA adapters, the lean function
+does not apply, but a training call still uses the fused GELU: autograd then saves h for it
+where "gelu_new" keeps four (tokens x 4d) tensors, and it takes one pass each way instead of
+eight. Calls without gradients (evaluation, generation) run "gelu_new" itself, so they match
+the transformers model bit for bit.
+
 `lean_mlps(model)` swaps each such MLP for a `LeanSwiGLU` / `LeanGeluMLP` that keeps the
 same child modules (`gate_proj`, `up_proj`, `down_proj`; `c_fc`, `c_proj`), so state-dict
 keys, target names and adapters are unchanged, and decides per call: the lean path only when
@@ -170,6 +176,9 @@ class LeanGeluMLP(nn.Module):
         if self.lean():
             y = _FrozenGeluMLP.apply(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight,
                                      self.c_proj.bias, self.approximate)
+        elif self.approximate is not None and torch.is_grad_enabled():
+            # trainable or adapted projections: the fused kernel still saves h alone
+            y = self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
         else:
             y = self.c_proj(self.act(self.c_fc(x)))
         return self.dropout(y)

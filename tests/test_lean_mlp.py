@@ -183,6 +183,42 @@ def test_gpt2_lora_training_step_and_dropout_fallback():
     assert not model.transformer.h[0].mlp.lean()
 
 
+def test_gpt2_adapted_mlp_uses_fused_gelu_in_training_and_gelu_new_without_grad():
+    """attn-proj-ffn: c_fc and c_proj carry adapters, so the lean function does not apply, but
+    a training call still runs the fused tanh-GELU (it saves h, not gelu_new's four tensors):
+    same output and adapter gradients up to rounding; a no-grad call is gelu_new bit for bit."""
+    import copy
+
+    from loralab.lora import LoRAConfig, apply_lora, lora_parameters
+
+    model = _gpt2()
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="attn-proj-ffn"))
+    for p in lora_parameters(model):
+        nn.init.normal_(p, std=0.1)
+    model.eval()                                                 # residual dropout off
+    plain = model.transformer.h[0].mlp
+    lean_model = copy.deepcopy(model)
+    assert lean_mlps(lean_model) == 1
+    lean = lean_model.transformer.h[0].mlp
+    assert not lean.lean()
+    x = torch.randn(4, 16, 32, requires_grad=True)
+    y_ref, plain_bytes = _saved_bytes(lambda: plain(x), plain)
+    y, lean_bytes = _saved_bytes(lambda: lean(x), lean)
+    h_bytes = 4 * 16 * 128 * 4
+    assert plain_bytes - lean_bytes == 3 * h_bytes               # h kept, three fewer
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(y)
+    y_ref.backward(grad)
+    y.backward(grad)
+    ref_grads = [p.grad for p in lora_parameters(plain)]
+    lean_grads = [p.grad for p in lora_parameters(lean)]
+    assert len(lean_grads) == 4 and all(g is not None for g in lean_grads)
+    for a, b in zip(lean_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(lean(x), plain(x))
+
+
 def test_other_mlps_are_left_alone():
     from transformers import BertConfig, BertModel
 
