@@ -29,7 +29,7 @@ so `_FrozenGeluMLP` saves h and uses PyTorch's fused tanh-approximate GELU, the 
 as "gelu_new" (transformers' own "gelu_pytorch_tanh" is that kernel), equal up to float
 rounding (~1e-7 relative) rather than bit for bit.
 
-When the GPT-2 projections carry LoRA adapters (or train), the lean function
+When the GPT-2 projections carry LoRA adapters or train (full fine-tuning), the lean function
 does not apply, but a training call still uses the fused GELU: autograd then saves h for it
 where "gelu_new" keeps four (tokens x 4d) tensors, and it takes one pass each way instead of
 eight. Calls without gradients (evaluation, generation) run "gelu_new" itself, so they match

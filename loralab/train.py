@@ -364,6 +364,11 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
         model.requires_grad_(False)
     elif config.method == "full":
         model.requires_grad_(True)
+        # trainable projections take the plain MLP path, but GPT-2's MLP still runs the fused
+        # GELU in training (loralab.lean_mlp)
+        from loralab.lean_mlp import lean_mlps
+
+        lean_mlps(model)
     elif config.method == "head":
         model.requires_grad_(False)
         task_head(model).requires_grad_(True)

@@ -219,6 +219,32 @@ def test_gpt2_adapted_mlp_uses_fused_gelu_in_training_and_gelu_new_without_grad(
         assert torch.equal(lean(x), plain(x))
 
 
+def test_full_fine_tuning_gpt2_gets_the_fused_gelu_with_the_same_weight_gradients():
+    """prepare_model for method "full" installs the lean MLPs; with every weight trainable
+    the MLP takes the plain path with the fused GELU, and every weight gradient matches the
+    untouched transformers model up to rounding."""
+    import copy
+
+    from loralab.train import make_config, prepare_model
+
+    ref = _gpt2(layers=2).eval()                                 # dropout off on both sides
+    model = copy.deepcopy(ref)
+    prepare_model(model, make_config(model="tiny", task="lm", data="synthetic", method="full",
+                                     out="unused"))
+    assert all(isinstance(block.mlp, LeanGeluMLP) and not block.mlp.lean()
+               for block in model.transformer.h)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    ref.requires_grad_(True)
+    losses = [m(input_ids=ids, labels=ids).loss for m in (ref, model)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    for loss in losses:
+        loss.backward()
+    grads = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        assert grads[name].grad is not None, name
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_other_mlps_are_left_alone():
     from transformers import BertConfig, BertModel
 
