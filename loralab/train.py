@@ -72,6 +72,7 @@ from loralab import checkpoint as ckpt
 from loralab import compiling, measure
 from loralab.compiling import COMPILE_SETTINGS
 from loralab.errors import UserError
+from loralab.lean_mlp import lean_mlps
 from loralab.models import task_head, untie_head
 
 METHODS = ("none", "full", "head", "lora", "lora-head", "qat-lora", "qlora", "lora-ptq")
@@ -366,8 +367,6 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
         model.requires_grad_(True)
         # trainable projections take the plain MLP path, but GPT-2's MLP still runs the fused
         # GELU in training (loralab.lean_mlp)
-        from loralab.lean_mlp import lean_mlps
-
         lean_mlps(model)
     elif config.method == "head":
         model.requires_grad_(False)
@@ -381,8 +380,6 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
                                      train_head=train_head))
         # frozen MLPs store less for backward: SwiGLU 2 of 3 activations, GPT-2 1 of 4
         # (loralab.lean_mlp); a projection that trains takes the plain path
-        from loralab.lean_mlp import lean_mlps
-
         lean_mlps(model)
         if train_head:
             notes.append("classifier trained with the adapters (newly initialised head)")

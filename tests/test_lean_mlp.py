@@ -1,6 +1,5 @@
 """The lean frozen SwiGLU MLP against the plain transformers LlamaMLP (the naive reference)."""
 
-import pytest
 import torch
 from torch import nn
 from transformers import LlamaConfig
