@@ -34,18 +34,9 @@ import torch
 
 ROOT = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, ROOT)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _model(name: str):
-    """SmolLM2-135M (bundled) or the GPT-2-shaped random model of `bench_train.py`."""
-    if name == "gpt2-shaped":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        return GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257,
-                                          n_positions=1024))
-    from loralab.models import load_model
-
-    return load_model(name, "lm").model
+from bench_train import _model as bench_model
 
 
 def build(side: str, dropout: float, rank: int, preset: str, model_name: str):
@@ -54,8 +45,7 @@ def build(side: str, dropout: float, rank: int, preset: str, model_name: str):
     from loralab.targets import resolve_targets
     from loralab.train import make_config, prepare_model
 
-    torch.manual_seed(0)
-    model = _model(model_name)
+    model, _ = bench_model(model_name)  # seeds torch; the same models as bench_train.py
     if side == "peft":
         from peft import LoraConfig, get_peft_model
 

@@ -365,9 +365,6 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
         model.requires_grad_(False)
     elif config.method == "full":
         model.requires_grad_(True)
-        # trainable projections take the plain MLP path, but GPT-2's MLP still runs the fused
-        # GELU in training (loralab.lean_mlp)
-        lean_mlps(model)
     elif config.method == "head":
         model.requires_grad_(False)
         task_head(model).requires_grad_(True)
@@ -378,13 +375,15 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
         apply_lora(model, LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                                      targets=_lora_targets(config.preset), rslora=config.rslora,
                                      train_head=train_head))
-        # frozen MLPs store less for backward: SwiGLU 2 of 3 activations, GPT-2 1 of 4
-        # (loralab.lean_mlp); a projection that trains takes the plain path
-        lean_mlps(model)
         if train_head:
             notes.append("classifier trained with the adapters (newly initialised head)")
         if config.method == "lora-head":
             task_head(model).requires_grad_(True)  # in the optimizer from the start
+    if config.method == "full" or config.method in LORA_METHODS:
+        # frozen MLPs store less for backward (SwiGLU 2 of 3 activations, GPT-2 1 of 4); a
+        # projection that trains or carries an adapter takes the plain path, where GPT-2's MLP
+        # still runs the fused GELU in training (loralab.lean_mlp)
+        lean_mlps(model)
     return notes
 
 
