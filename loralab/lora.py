@@ -12,10 +12,12 @@ The map is one `torch.autograd.Function` (`_LoRAMatmul`) because the obvious com
 T x d_out temporaries (B's output, the scaling, the sum). Here:
 
 - forward computes `out = x W^T + b`, then adds the low-rank term in place with `addmm_`;
-- it saves x, A, B (and a reference to the frozen W, needed for dx; no copy) and nothing of size
-  T x d_out; the dropout mask is regenerated in backward from a saved seed instead of being kept
-  (a boolean mask from 16-bit uniforms, `keep_mask`, with 1 / P(keep) folded into s);
-- backward recomputes u = D(x) A^T (T x r, cheap) and forms
+- it saves x, A, B (and a reference to the frozen W, needed for dx; no copy), the small
+  u = D(x) A^T (T x k r) and nothing of size T x d_out; with dropout it also saves the mask's
+  16-bit uniforms (2 bytes an element, `loralab.dropout`), not a dropped copy of x (4 bytes),
+  and re-forms the 0 / 1 mask from them in backward by one comparison; 1 / P(keep) is folded
+  into s;
+- backward forms
       gB = g B,  dB = s g^T u,  dA = s gB^T D(x),  dx = g W + s D'(gB A)
   and never a gradient for the frozen W (unless W itself requires grad).
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralab.dropout import draw_seed, keep_float, random_bits
 from loralab.errors import UserError
 from loralab.targets import (
     PRESETS,
@@ -100,40 +103,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device
-              ) -> tuple[torch.Tensor, float]:
-    """(keep, rescale): a boolean dropout keep-mask drawn from a generator seeded with `seed`
-    (so forward, backward and tests can regenerate it instead of storing it) and 1 / P(keep).
-
-    Each element gets a 16-bit uniform u from 64-bit random words (four elements per word) and
-    is dropped when u < round(p 2^16), so P(drop) is p rounded to a multiple of 2^-16 (0.1 ->
-    0.100006) and `rescale` uses that exact keep probability: E[keep * rescale] = 1. Why not
-    `bernoulli_`: on the CPU it draws one Mersenne-Twister number per element, 6.8 ms for a
-    1024 x 576 mask on this machine against 1.5 ms here, and a LoRA step draws one mask per
-    adapted layer in forward and again in backward (~15% of a SmolLM2 q,v step).
-    """
-    threshold = round(p * 65536)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    n = shape.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-2**63, 2**63 - 1, generator=generator)  # 64 uniform bits per word
-    u = words.view(torch.int16)[:n].view(shape)  # signed view: u + 2^15 is uniform on [0, 2^16)
-    return u >= threshold - 32768, 65536 / (65536 - threshold)
-
-
-def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """The same mask as `keep_mask` in the form keep / P(keep), as a `dtype` tensor."""
-    keep, rescale = keep_mask(shape, p, seed, device)
-    return keep.to(dtype).mul_(rescale)
-
-
-def draw_seed() -> int:
-    """A dropout seed from torch's global RNG: fixed by torch.manual_seed, like nn.Dropout."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-
-
 class _LoRAMatmul(torch.autograd.Function):
     """y = x W^T + b + s * [ (D(x) A_j^T) B_j^T  on output slice j ]; see the module docstring."""
 
@@ -151,30 +120,34 @@ class _LoRAMatmul(torch.autograd.Function):
             else:
                 out = F.linear(x2, w, b)                            # (N, d_out)
             # D(x) = keep * x / P(keep): the 1 / P(keep) goes into the scale
-            keep, rescale = keep_mask(x2.shape, p, seed, x2.device) if p > 0 else (None, 1.0)
-            xd = x2 * keep if keep is not None else x2
+            bits, rescale = None, 1.0
+            if p > 0:
+                bits = random_bits(x2.shape, seed, x2.device)       # kept for backward
+                keep, rescale = keep_float(bits, p, dtype)
+                xd = keep.mul_(x2)                                  # the mask's storage, reused
+                del keep
+            else:
+                xd = x2
             u = xd @ lora_a.to(dtype).T                             # (N, k r)
             del xd
             _add_low_rank(out, u, lora_b.to(dtype), slices, scale * rescale)
-        ctx.save_for_backward(x, weight, lora_a, lora_b)
-        ctx.meta = (scale, slices, p, seed, conv1d, dtype, bias is not None and bias.requires_grad)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, u, bits)
+        ctx.meta = (scale * rescale, slices, p, conv1d, dtype,
+                    bias is not None and bias.requires_grad)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lora_a, lora_b = ctx.saved_tensors
-        scale, slices, p, seed, conv1d, dtype, bias_grad = ctx.meta
+        x, weight, lora_a, lora_b, u, bits = ctx.saved_tensors
+        scale, slices, p, conv1d, dtype, bias_grad = ctx.meta       # scale is s / P(keep)
         d_in = x.shape[-1]
         rank = lora_a.shape[0] // len(slices)
         with torch.autocast(x.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (N, d_out)
             x2 = x.reshape(-1, d_in).to(dtype)
-            keep, rescale = keep_mask(x2.shape, p, seed, x2.device) if p > 0 else (None, 1.0)
-            xd = x2 * keep if keep is not None else x2              # D(x) P(keep)
-            scale = scale * rescale                                 # s / P(keep)
+            keep = keep_float(bits, p, dtype)[0] if bits is not None else None
             a = lora_a.to(dtype)
             b = lora_b.to(dtype)
-            u = xd @ a.T                                            # (N, k r), recomputed
             g_b = torch.empty_like(u)                               # (N, k r): g_j B_j per slice
             d_b = torch.empty_like(b)
             row = 0
@@ -184,8 +157,9 @@ class _LoRAMatmul(torch.autograd.Function):
                 g_b[:, cols] = g_j @ b_j
                 d_b[row:row + hi - lo] = (g_j.T @ u[:, cols]).mul_(scale)
                 row += hi - lo
+            xd = x2 * keep if keep is not None else x2              # D(x) P(keep)
             d_a = (g_b.T @ xd).mul_(scale)                          # (k r, d_in)
-            del xd, u
+            del xd
             d_x = d_w = d_bias = None
             if ctx.needs_input_grad[0]:
                 w = _dense(weight).to(dtype)
@@ -193,7 +167,7 @@ class _LoRAMatmul(torch.autograd.Function):
                 if keep is None:
                     d_x.addmm_(g_b, a, alpha=scale)
                 else:
-                    d_x.add_((g_b @ a).mul_(keep), alpha=scale)
+                    d_x.add_(keep.mul_(g_b @ a), alpha=scale)
                 d_x = d_x.view(x.shape).to(x.dtype)
             if ctx.needs_input_grad[1]:                             # only if W is not frozen
                 d_w = (x2.T @ g) if conv1d else (g.T @ x2)

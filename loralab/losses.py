@@ -129,7 +129,7 @@ def _chunk_mask(hidden: torch.Tensor, p: float, seed: int, start: int, chunk: in
                 dtype: torch.dtype) -> torch.Tensor:
     """Rows start..start+chunk of the LoRA-branch dropout mask over all of `hidden`'s tokens
     (one mask, drawn from `seed`, so it does not depend on the chunk size)."""
-    from loralab.lora import dropout_mask
+    from loralab.dropout import dropout_mask
 
     rows = min(chunk, hidden.shape[0] - start)
     generator_seed = seed + start  # a distinct, reproducible stream per chunk
@@ -143,7 +143,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: to
     """(sum of token cross-entropies, number of scored tokens) of `head(hidden)` against
     `labels` (already aligned: labels[t] is the target for hidden[t]; -100 = no loss), never
     holding more than `chunk_size` x V logits. `head` is an `nn.Linear` or a LoRA-adapted one."""
-    from loralab.lora import LoRALinear, draw_seed
+    from loralab.dropout import draw_seed
+    from loralab.lora import LoRALinear
 
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)

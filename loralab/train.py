@@ -70,7 +70,9 @@ from torch import nn
 
 from loralab import checkpoint as ckpt
 from loralab import compiling, measure
+from loralab.attention import use_dropout_attention
 from loralab.compiling import COMPILE_SETTINGS
+from loralab.dropout import seeded_dropouts
 from loralab.errors import UserError
 from loralab.lean_mlp import lean_mlps
 from loralab.models import task_head, untie_head
@@ -384,6 +386,10 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
         # projection that trains or carries an adapter takes the plain path, where GPT-2's MLP
         # still runs the fused GELU in training (loralab.lean_mlp)
         lean_mlps(model)
+        # the model's own dropout (GPT-2, BERT: p = 0.1) with the cheap seeded masks, and
+        # attention dropout without SDPA's math path (loralab.dropout, loralab.attention)
+        seeded_dropouts(model)
+        use_dropout_attention(model)
     return notes
 
 

@@ -9,11 +9,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loralab import LoRAConfig, apply_lora, merge_lora
+from loralab.dropout import draw_seed, dropout_mask
 from loralab.errors import UserError
 from loralab.lora import (
     LoRALinear,
-    draw_seed,
-    dropout_mask,
     lora_matmul,
     lora_modules,
     lora_parameters,
@@ -118,8 +117,9 @@ def _saved_tensors(fn):
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("conv1d", [False, True])
 def test_saved_for_backward_holds_no_output_sized_tensor(conv1d, p):
-    """The LoRA branch keeps x (shared with the caller), A, B and a reference to W: no
-    T x d_out tensor and no second (dropped) copy of x."""
+    """The LoRA branch keeps x (shared with the caller), A, B, a reference to W and the small
+    u = D(x) A^T (T x k r); with dropout also the mask's 16-bit uniforms (half of x's fp32
+    bytes). No T x d_out tensor and no second (dropped) copy of x."""
     d_in, d_out, tokens = 64, 96, 4 * 32
     base = Conv1D(d_out, d_in) if conv1d else nn.Linear(d_in, d_out)
     base.requires_grad_(False)
@@ -129,10 +129,17 @@ def test_saved_for_backward_holds_no_output_sized_tensor(conv1d, p):
     _, saved = _saved_tensors(lambda: layer(x))
     params = {base.weight.data_ptr(), layer.lora_A.data_ptr(), layer.lora_B.data_ptr()}
     new = [t for t in saved if t.data_ptr() not in params]
-    assert len(new) == 1 and new[0].data_ptr() == x.data_ptr()   # only x itself
+    k_r = layer.lora_A.shape[0]
+    assert new[0].data_ptr() == x.data_ptr()                       # x itself, not a copy
+    assert new[1].shape == (tokens, k_r)                           # u
+    if p > 0:
+        assert len(new) == 3 and new[2].dtype == torch.int16 and new[2].shape == (tokens, d_in)
+    else:
+        assert len(new) == 2
     assert all(t.numel() < tokens * d_out for t in saved if t.data_ptr() not in params)
-    extra_bytes = sum(t.numel() * t.element_size() for t in new)
-    assert extra_bytes == x.numel() * x.element_size()
+    extra_bytes = sum(t.numel() * t.element_size() for t in new[1:])
+    assert extra_bytes == tokens * k_r * 4 + (tokens * d_in * 2 if p > 0 else 0)
+    assert extra_bytes < x.numel() * x.element_size()             # PEFT keeps a full copy
 
 
 def test_naive_peft_style_layer_keeps_more():
@@ -309,22 +316,3 @@ def test_glob_targets():
     names = [n for n, _ in lora_modules(model)]
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
                      "model.layers.1.mlp.down_proj"]
-
-
-def test_keep_mask_rate_rescale_and_seed():
-    """The fast 16-bit mask drops p (rounded to 2^-16) of the elements, its rescale makes the
-    mean of keep * rescale 1, the same seed gives the same mask and odd sizes work."""
-    from loralab.lora import keep_mask
-
-    shape = torch.Size((1001, 577))                      # not a multiple of four elements
-    keep, rescale = keep_mask(shape, 0.1, seed=7, device=torch.device("cpu"))
-    assert keep.dtype == torch.bool and keep.shape == shape
-    dropped = 1.0 - keep.double().mean().item()
-    assert abs(dropped - 0.1) < 4 * (0.1 * 0.9 / shape.numel()) ** 0.5   # 4 sigma
-    assert rescale == pytest.approx(1 / (1 - 6554 / 65536))
-    assert torch.equal(keep, keep_mask(shape, 0.1, 7, torch.device("cpu"))[0])
-    assert not torch.equal(keep, keep_mask(shape, 0.1, 8, torch.device("cpu"))[0])
-    # each of the four 16-bit lanes of a word is uniform: the drop rate holds per lane
-    lanes = keep.flatten()[: shape.numel() // 4 * 4].view(-1, 4).double().mean(0)
-    assert torch.allclose(lanes, torch.full((4,), 0.9, dtype=torch.float64), atol=0.01)
-    assert keep_mask(shape, 0.0, 1, torch.device("cpu"))[0].all()

@@ -64,7 +64,7 @@ def test_lora_head_dropout_matches_reference():
         t.detach_()
     hidden.grad = None
     head.lora_A.grad = head.lora_B.grad = None
-    from loralab.lora import draw_seed
+    from loralab.dropout import draw_seed
 
     torch.manual_seed(11)
     seed = draw_seed()
