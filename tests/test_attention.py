@@ -11,6 +11,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from loralab import attention
 from loralab.attention import NAME, attention_with_dropout, use_dropout_attention
 from loralab.dropout import dropout_mask
 
@@ -93,8 +94,6 @@ def test_gpt2_switch_keeps_eval_outputs_and_trains():
 def test_gpt2_training_matches_the_naive_attention_with_the_same_masks(monkeypatch):
     """A whole GPT-2 training forward and backward through the switched model equals the
     same model run with the naive reference attention drawing the same seeds."""
-    import loralab.attention as attention
-
     model = _gpt2()
     use_dropout_attention(model)
     model.train()
@@ -119,7 +118,6 @@ def test_gpt2_training_matches_the_naive_attention_with_the_same_masks(monkeypat
 
 
 def test_bert_with_padding_uses_it_and_llama_without_dropout_does_not(monkeypatch):
-    import loralab.attention as attention
 
     torch.manual_seed(0)
     bert = BertForSequenceClassification(BertConfig(
