@@ -483,3 +483,25 @@ def test_end_to_end_minilm_lora_on_rt_snippets(tmp_path, capsys):
     again = json.loads(capsys.readouterr().out)["validation"]
     assert again["loss"] == pytest.approx(rec["metrics"]["validation"]["loss"], abs=1e-5)
     assert again["accuracy"] == rec["metrics"]["validation"]["accuracy"]
+
+
+def test_prepare_model_uses_seeded_dropout_and_attention_for_training_methods():
+    """full and LoRA swap the model's nn.Dropout layers for SeededDropout and switch attention
+    dropout to loralab's attention function; head-only training (a frozen body run without
+    gradients) leaves the model's modules as they are."""
+    from torch import nn
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from loralab.attention import NAME
+    from loralab.dropout import SeededDropout
+    from loralab.train import make_config, prepare_model
+
+    for method, swapped in (("lora", True), ("full", True), ("head", False)):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64,
+                                           n_positions=32))
+        prepare_model(model, make_config(model="tiny", task="lm", data="synthetic",
+                                         method=method, out="unused"))
+        kinds = {type(m) for m in model.modules()}
+        assert (SeededDropout in kinds) == swapped and (nn.Dropout in kinds) != swapped, method
+        assert (model.config._attn_implementation == NAME) == swapped, method
