@@ -62,13 +62,14 @@ class _DropoutAttention(torch.autograd.Function):
             dropped = keep.mul_(probs)                               # P m (1 / P(keep) below)
             out = torch.matmul(dropped, v).mul_(rescale)
         ctx.save_for_backward(q, k, v, probs, bits)
-        ctx.meta = (scaling, p, ctx.needs_input_grad[:3])
+        ctx.meta = (scaling, p)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, probs, bits = ctx.saved_tensors
-        scaling, p, needs = ctx.meta
+        scaling, p = ctx.meta
+        needs = ctx.needs_input_grad
         with torch.autocast(q.device.type, enabled=False):
             grad_out = grad_out.to(q.dtype)
             keep, rescale = keep_float(bits, p, q.dtype)
@@ -100,7 +101,7 @@ def dropout_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
     plain = (dropout == 0 or torch.compiler.is_compiling()
              or any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "cache"))
-             or key.shape[-2] != query.shape[-2] or not query.is_floating_point())
+             or key.shape[-2] != query.shape[-2])
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)

@@ -50,17 +50,9 @@ def keep_float(bits: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.
     return keep, rescale
 
 
-def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device
-              ) -> tuple[torch.Tensor, float]:
-    """(keep, 1 / P(keep)): the boolean form of the mask drawn from `seed` (used by tests and
-    by code that regenerates a mask instead of storing it)."""
-    threshold, rescale = drop_threshold(p)
-    return random_bits(shape, seed, device) >= threshold - 32768, rescale
-
-
 def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device,
                  dtype: torch.dtype) -> torch.Tensor:
-    """The same mask as `keep_mask` in the form keep / P(keep), as a `dtype` tensor."""
+    """The mask drawn from `seed` in the form keep / P(keep), as a `dtype` tensor."""
     keep, rescale = keep_float(random_bits(shape, seed, device), p, dtype)
     return keep.mul_(rescale)
 
@@ -109,7 +101,7 @@ class SeededDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if torch.compiler.is_compiling() or not x.is_floating_point():
+        if torch.compiler.is_compiling():
             return nn.functional.dropout(x, self.p, training=True)
         return seeded_dropout(x, self.p, draw_seed())
 

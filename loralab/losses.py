@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralab.lora import compute_dtype
+from loralab.dropout import draw_seed, dropout_mask
+from loralab.lora import LoRALinear, compute_dtype
 
 IGNORE_INDEX = -100
 
@@ -129,8 +130,6 @@ def _chunk_mask(hidden: torch.Tensor, p: float, seed: int, start: int, chunk: in
                 dtype: torch.dtype) -> torch.Tensor:
     """Rows start..start+chunk of the LoRA-branch dropout mask over all of `hidden`'s tokens
     (one mask, drawn from `seed`, so it does not depend on the chunk size)."""
-    from loralab.dropout import dropout_mask
-
     rows = min(chunk, hidden.shape[0] - start)
     generator_seed = seed + start  # a distinct, reproducible stream per chunk
     return dropout_mask(torch.Size((rows, hidden.shape[1])), p, generator_seed, hidden.device,
@@ -143,9 +142,6 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: to
     """(sum of token cross-entropies, number of scored tokens) of `head(hidden)` against
     `labels` (already aligned: labels[t] is the target for hidden[t]; -100 = no loss), never
     holding more than `chunk_size` x V logits. `head` is an `nn.Linear` or a LoRA-adapted one."""
-    from loralab.dropout import draw_seed
-    from loralab.lora import LoRALinear
-
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     keep = labels != IGNORE_INDEX
@@ -183,8 +179,6 @@ _FUSED_FAMILIES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3_text", 
 
 def fused_loss_supported(model: nn.Module) -> bool:
     """True when `CausalLMLoss` computes exactly the model's own next-token loss."""
-    from loralab.lora import LoRALinear
-
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in _FUSED_FAMILIES:
         return False

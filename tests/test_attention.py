@@ -91,6 +91,25 @@ def test_gpt2_switch_keeps_eval_outputs_and_trains():
     assert not torch.equal(model(ids, labels=ids).loss, first)  # and a fresh mask per step
 
 
+def _matches_naive(model, ids, seed, monkeypatch) -> list[tuple]:
+    """Run a training forward and backward of `model` twice from `seed`: through loralab's
+    attention and through `naive` (same seeds, so the same masks); assert the losses and all
+    parameter gradients agree and return the arguments of each naive call."""
+    torch.manual_seed(seed)
+    loss = model(ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    calls = []
+    monkeypatch.setattr(attention, "attention_with_dropout",
+                        lambda *args: calls.append(args) or naive(*args))
+    torch.manual_seed(seed)
+    ref = model(ids, labels=ids).loss
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert torch.allclose(loss, ref, rtol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+    return calls
+
+
 def test_gpt2_training_matches_the_naive_attention_with_the_same_masks(monkeypatch):
     """A whole GPT-2 training forward and backward through the switched model equals the
     same model run with the naive reference attention drawing the same seeds."""
@@ -98,23 +117,8 @@ def test_gpt2_training_matches_the_naive_attention_with_the_same_masks(monkeypat
     use_dropout_attention(model)
     model.train()
     ids = torch.randint(0, 64, (2, 12))
-    torch.manual_seed(7)
-    loss = model(ids, labels=ids).loss
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    calls = []
-
-    def counted(*args):
-        calls.append(args[0].shape)
-        return naive(*args)
-
-    monkeypatch.setattr(attention, "attention_with_dropout", counted)
-    torch.manual_seed(7)
-    ref = model(ids, labels=ids).loss
+    calls = _matches_naive(model, ids, 7, monkeypatch)
     assert len(calls) == 2                                      # one per layer
-    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
-    assert torch.allclose(loss, ref, rtol=1e-6)
-    for got, want in zip(grads, ref_grads):
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_bert_with_padding_uses_it_and_llama_without_dropout_does_not(monkeypatch):
@@ -167,16 +171,5 @@ def test_llama_with_attention_dropout_and_grouped_kv_matches_the_naive_attention
     assert use_dropout_attention(llama)
     llama.train()
     ids = torch.randint(0, 64, (2, 10))
-    torch.manual_seed(4)
-    loss = llama(ids, labels=ids).loss
-    grads = torch.autograd.grad(loss, list(llama.parameters()))
-    calls = []
-    monkeypatch.setattr(attention, "attention_with_dropout",
-                        lambda *args: calls.append(args[1].shape) or naive(*args))
-    torch.manual_seed(4)
-    ref = llama(ids, labels=ids).loss
-    ref_grads = torch.autograd.grad(ref, list(llama.parameters()))
-    assert calls == [torch.Size((2, 4, 10, 8))] * 2               # k repeated to 4 heads
-    assert torch.allclose(loss, ref, rtol=1e-6)
-    for got, want in zip(grads, ref_grads):
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+    calls = _matches_naive(llama, ids, 4, monkeypatch)
+    assert [args[1].shape for args in calls] == [torch.Size((2, 4, 10, 8))] * 2  # k: 4 heads

@@ -7,13 +7,19 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from loralab.dropout import (
     SeededDropout,
+    drop_threshold,
     dropout_mask,
     keep_float,
-    keep_mask,
     random_bits,
     seeded_dropout,
     seeded_dropouts,
 )
+
+
+def keep_mask(shape, p, seed, device):
+    """The mask by its definition: keep when u + 2^15 >= round(p 2^16), u the 16-bit uniforms."""
+    threshold, rescale = drop_threshold(p)
+    return random_bits(shape, seed, device).to(torch.int32) + 32768 >= threshold, rescale
 
 
 def test_keep_mask_rate_rescale_and_seed():
