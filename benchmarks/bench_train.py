@@ -16,11 +16,13 @@ loralab.measure.RSSSampler, started after the model and optimizer exist, on both
     # inference latency: base vs unmerged adapter vs merged
     python benchmarks/bench_train.py inference --model smollm2-135m
 
-Huge pages (`loralab.hostmem`): the `loralab` command turns on PyTorch's transparent-huge-page
-allocation for large tensors before torch starts, so the loralab worker does the same (it stands
-for a `loralab train` run); the PEFT worker runs with the process defaults, as a hand-written
-script does. `--ablate-huge-pages` adds two interleaved sides, loralab without huge pages and
-PEFT with them, so the setting's share of the speed-up is measured, not assumed.
+Host memory (`loralab.hostmem`): the `loralab` command starts with tcmalloc preloaded where the
+library is installed (else with PyTorch's transparent-huge-page allocation), so the loralab
+worker is launched in the environment the command would give it (it stands for a `loralab train`
+run); the PEFT worker runs with the process defaults, as a hand-written script does.
+`--ablate-host-memory` adds three interleaved sides: loralab with the process defaults, loralab
+with huge pages only (the command's setting before tcmalloc), and PEFT with the command's
+setting, so the setting's share of the speed-up is measured, not assumed.
 
 The PEFT side is what users write by hand: `get_peft_model` with the same target modules, rank,
 alpha and dropout, `model(input_ids, labels=...).loss.backward()`, `torch.optim.AdamW` with its
@@ -68,10 +70,11 @@ def _batches(vocab: int, batch: int, seq: int, count: int):
     return [torch.randint(0, vocab, (batch, seq), generator=generator) for _ in range(count)]
 
 
-def _huge_pages() -> bool:
-    from loralab.hostmem import huge_pages_active
+def _host() -> dict:
+    """This worker's host-memory setting, read back: huge pages on, and the allocator mapped."""
+    from loralab.hostmem import allocator_in_use, huge_pages_active
 
-    return huge_pages_active(os.environ)
+    return {"huge_pages": huge_pages_active(os.environ), "allocator": allocator_in_use()}
 
 
 def worker_loralab(args) -> dict:
@@ -107,7 +110,7 @@ def worker_loralab(args) -> dict:
             "first_step_extra": costs["first_step_seconds"] - steady,
             "peak_rss_delta": costs["peak_memory_bytes"],
             "flops_per_token": record["estimates"]["flops_per_token"],
-            "trainable": costs["trainable_params"], "huge_pages": _huge_pages()}
+            "trainable": costs["trainable_params"]} | _host()
 
 
 def worker_peft(args) -> dict:
@@ -145,8 +148,7 @@ def worker_peft(args) -> dict:
     peak = sampler.stop()
     steady = times[1:]
     return {"tokens_per_second": args.batch * args.seq * len(steady) / sum(steady),
-            "peak_rss_delta": peak, "trainable": sum(p.numel() for p in params),
-            "huge_pages": _huge_pages()}
+            "peak_rss_delta": peak, "trainable": sum(p.numel() for p in params)} | _host()
 
 
 def worker_inference(args) -> dict:
@@ -188,14 +190,33 @@ def worker_inference(args) -> dict:
 
 # ------------------------------------------------------------------------------------ driver
 
-def _run_worker(kind: str, args, **overrides) -> dict:
+HOST_SETTINGS = ("cli", "huge-pages", "default")
+_HOST_VARIABLES = ("LD_PRELOAD", "THP_MEM_ALLOC_ENABLE", "LORALAB_ALLOCATOR", "LORALAB_HUGE_PAGES")
+
+
+def _host_environment(setting: str) -> dict[str, str]:
+    """A worker's environment: 'cli' = what the `loralab` command gives its process (tcmalloc
+    where installed, else huge pages), 'huge-pages' = huge pages only (the command's setting
+    before tcmalloc), 'default' = the process defaults a hand-written script gets."""
+    sys.path.insert(0, ROOT)
+    from loralab import hostmem
+
+    base = {k: v for k, v in os.environ.items() if k not in _HOST_VARIABLES}
+    base |= {"PYTHONPATH": ROOT, "TRANSFORMERS_VERBOSITY": "error"}
+    if setting == "cli":
+        return hostmem.command_environment(base)
+    if setting == "huge-pages":
+        return base | {"THP_MEM_ALLOC_ENABLE": "1"}
+    return base
+
+
+def _run_worker(kind: str, args, host: str = "cli", **overrides) -> dict:
     values = vars(args) | overrides
     cmd = [sys.executable, __file__, "worker", "--impl", kind]
     for key in ("model", "method", "preset", "rank", "dropout", "batch", "seq", "precision",
-                "steps", "repeats", "compile", "huge_pages"):
+                "steps", "repeats", "compile"):
         cmd += [f"--{key.replace('_', '-')}", str(values[key])]
-    env = os.environ | {"PYTHONPATH": ROOT, "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_host_environment(host))
     if done.returncode != 0:
         raise SystemExit(f"worker {kind} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -209,16 +230,17 @@ def compare(args) -> list[dict]:
     """Interleave loralab (eager and/or compiled, per --compile) and PEFT: one row per loralab
     variant, each against the same PEFT runs."""
     variants = ["off", "on"] if args.compile == "both" else [args.compile]
-    # side -> (worker, overrides); loralab gets huge pages as under the CLI, PEFT the defaults
-    sides = {f"loralab-{v}": ("loralab", {"compile": v, "huge_pages": "on"}) for v in variants}
-    sides["peft"] = ("peft", {"huge_pages": "off"})
-    if args.ablate_huge_pages:
-        sides["loralab-nohp"] = ("loralab", {"compile": variants[0], "huge_pages": "off"})
-        sides["peft-hp"] = ("peft", {"huge_pages": "on"})
+    # side -> (worker, host setting, overrides): loralab as under the CLI, PEFT the defaults
+    sides = {f"loralab-{v}": ("loralab", "cli", {"compile": v}) for v in variants}
+    sides["peft"] = ("peft", "default", {})
+    if args.ablate_host_memory:
+        sides["loralab-default"] = ("loralab", "default", {"compile": variants[0]})
+        sides["loralab-huge-pages"] = ("loralab", "huge-pages", {"compile": variants[0]})
+        sides["peft-cli"] = ("peft", "cli", {})
     results: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(args.repeats):
-        for side, (kind, overrides) in sides.items():
-            results[side].append(_run_worker(kind, args, **overrides))
+        for side, (kind, host, overrides) in sides.items():
+            results[side].append(_run_worker(kind, args, host, **overrides))
     tps = {k: [r["tokens_per_second"] for r in v] for k, v in results.items()}
     mem = {k: [r["peak_rss_delta"] / 2**20 for r in v] for k, v in results.items()}
     rows = []
@@ -234,20 +256,23 @@ def compare(args) -> list[dict]:
                "loralab_mb": _summary(mem[side]), "peft_mb": _summary(mem["peft"]),
                "memory_ratio": statistics.median(mem[side]) / statistics.median(mem["peft"]),
                "trainable": (results[side][0]["trainable"], results["peft"][0]["trainable"])}
-        row["huge_pages"] = (results[side][0]["huge_pages"], results["peft"][0]["huge_pages"])
+        row["host"] = {s: {k: results[s][0][k] for k in ("huge_pages", "allocator")}
+                       for s in (side, "peft")}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    if args.ablate_huge_pages:
+    if args.ablate_host_memory:
         ablation = {side: _summary(tps[side]) for side in sides} | {
             f"{side}_mb": _summary(mem[side]) for side in sides} | {
             "shape": f"{args.batch}x{args.seq}", "model": args.model, "preset": args.preset,
             "dropout": args.dropout,
-            "loralab_vs_peft_both_hp": statistics.median(tps[f"loralab-{variants[0]}"])
-            / statistics.median(tps["peft-hp"]),
-            "loralab_vs_peft_no_hp": statistics.median(tps["loralab-nohp"])
-            / statistics.median(tps["peft"])}
-        print("huge-page ablation (tok/s and peak MB, median (min-max)):", json.dumps(ablation),
-              flush=True)
+            "loralab_vs_peft_both_cli": statistics.median(tps[f"loralab-{variants[0]}"])
+            / statistics.median(tps["peft-cli"]),
+            "loralab_vs_peft_both_default": statistics.median(tps["loralab-default"])
+            / statistics.median(tps["peft"]),
+            "loralab_cli_vs_huge_pages_only": statistics.median(tps[f"loralab-{variants[0]}"])
+            / statistics.median(tps["loralab-huge-pages"])}
+        print("host-memory ablation (tok/s and peak MB, median (min-max)):",
+              json.dumps(ablation), flush=True)
     return rows
 
 
@@ -334,19 +359,14 @@ def main() -> None:
                         help="loralab side: torch.compile its blocks or not, or both (two "
                         "loralab variants interleaved with PEFT); the first step's extra time, "
                         "mostly compilation, is reported separately")
-    parser.add_argument("--huge-pages", default="on", choices=["on", "off"],
-                        help=argparse.SUPPRESS)  # per worker, set by the driver
-    parser.add_argument("--ablate-huge-pages", action="store_true",
-                        help="compare: also run loralab without and PEFT with huge pages")
+    parser.add_argument("--ablate-host-memory", "--ablate-huge-pages", action="store_true",
+                        help="compare: also run loralab with the process defaults and with huge "
+                        "pages only, and PEFT with the loralab command's host-memory setting")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if args.mode == "worker":
+    if args.mode == "worker":  # the driver set this process's host-memory environment
         sys.path.insert(0, ROOT)
-        if args.huge_pages == "on":  # what the loralab CLI does, before torch is imported
-            from loralab.hostmem import enable_for_this_process
-
-            print(enable_for_this_process(), file=sys.stderr)
         work = {"loralab": worker_loralab, "peft": worker_peft,
                 "inference": worker_inference}[args.impl]
         print(json.dumps(work(args)))

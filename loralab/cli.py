@@ -604,8 +604,10 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loralab.hostmem import enable_for_this_process
+    from loralab.hostmem import enable_for_this_process, preload_allocator
 
+    if argv is None:  # the command itself: may start over with tcmalloc preloaded
+        preload_allocator()
     enable_for_this_process()  # before anything imports torch: its allocator reads it once
     _quiet_libraries()
     parser = build_parser()

@@ -231,6 +231,7 @@ class RSSSampler:
         return int(psutil.Process().memory_info().rss)
 
     def start(self) -> "RSSSampler":
+        hostmem.release_free_memory()  # the baseline counts live memory, not the heap's cache
         self.baseline = self.peak = self.rss()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -338,7 +339,8 @@ def environment(device: str) -> dict:
     env: dict = {"python": platform.python_version(), "torch": torch.__version__,
                  "device": device, "threads": torch.get_num_threads(),
                  "platform": platform.platform(),
-                 "huge_pages": hostmem.huge_pages_active(os.environ)}
+                 "huge_pages": hostmem.huge_pages_active(os.environ),
+                 "allocator": hostmem.allocator_in_use()}
     for lib in ("transformers", "datasets", "numpy", "peft"):
         try:
             env[lib] = __import__(lib).__version__

@@ -117,3 +117,139 @@ def test_torch_allocator_really_uses_huge_pages():
         kb[setting] = int(done.stdout.strip().splitlines()[-1])
     assert kb["on"] >= 32 * 1024, kb  # most of the 96 MiB of tensors
     assert kb["off"] < kb["on"] / 4, kb
+
+
+# --- caching allocator (tcmalloc) ---------------------------------------------------------
+
+LIB = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+COMMAND = ["/venv/bin/loralab", "train"]
+
+
+def test_find_allocator_takes_the_minimal_build_first(tmp_path):
+    full, minimal = tmp_path / "a", tmp_path / "b"
+    full.mkdir(), minimal.mkdir()
+    (full / "libtcmalloc.so.4").write_bytes(b"")
+    assert hostmem.find_allocator([full, minimal]) == full / "libtcmalloc.so.4"
+    (minimal / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert hostmem.find_allocator([full, minimal]) == minimal / "libtcmalloc_minimal.so.4"
+    assert hostmem.find_allocator([tmp_path / "none"]) is None
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["/venv/bin/loralab", "compare"], True),
+    (["/site-packages/loralab/__main__.py", "train"], True),   # python -m loralab, torchrun
+    (["-c"], False), (["/home/me/my_script.py"], False), ([], False),
+    (["/x/other/__main__.py"], False),
+])
+def test_is_loralab_command(argv, expected):
+    assert hostmem.is_loralab_command(argv) is expected
+
+
+def test_plan_preloads_tcmalloc_for_the_command():
+    changes, line = hostmem.allocator_plan({}, "linux", LIB, COMMAND)
+    assert changes == {"LD_PRELOAD": str(LIB),
+                       "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+    assert line == f"allocator: tcmalloc ({LIB})"
+    # the user's own gperftools setting is kept
+    changes, _ = hostmem.allocator_plan({"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "5"}, "linux",
+                                        LIB, COMMAND)
+    assert changes == {"LD_PRELOAD": str(LIB)}
+
+
+@pytest.mark.parametrize(("env", "platform", "library", "argv", "reason"), [
+    ({"LORALAB_ALLOCATOR": "system"}, "linux", LIB, COMMAND, "LORALAB_ALLOCATOR=system"),
+    ({"LD_PRELOAD": str(LIB)}, "linux", LIB, COMMAND, "allocator: tcmalloc"),  # no loop
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "linux", LIB, COMMAND, "user's LD_PRELOAD"),
+    ({}, "darwin", LIB, COMMAND, "Linux only"),
+    ({}, "linux", None, COMMAND, "install libtcmalloc-minimal4"),
+    ({}, "linux", LIB, ["/home/me/my_script.py"], "called from another program"),
+])
+def test_plan_leaves_the_process_alone(env, platform, library, argv, reason):
+    changes, line = hostmem.allocator_plan(env, platform, library, argv)
+    assert changes == {} and reason in line and "\n" not in line
+
+
+def test_huge_pages_stay_off_under_tcmalloc():
+    env = {"LD_PRELOAD": str(LIB)}
+    line = hostmem.enable_huge_pages(env, {}, "madvise")
+    assert "THP_MEM_ALLOC_ENABLE" not in env and "tcmalloc is preloaded" in line
+
+
+def test_command_environment_is_what_the_command_gets():
+    env = hostmem.command_environment({"PATH": "/bin"})
+    if hostmem.find_allocator() is not None and sys.platform.startswith("linux"):
+        assert "tcmalloc" in env["LD_PRELOAD"] and "THP_MEM_ALLOC_ENABLE" not in env
+    else:
+        assert "LD_PRELOAD" not in env
+    assert hostmem.command_environment({"LORALAB_ALLOCATOR": "system"}).get("LD_PRELOAD") is None
+
+
+_COMMAND_PROBE = """
+import os, sys
+sys.argv[0] = "/venv/bin/loralab"            # stands for the console script
+from loralab import cli, hostmem
+print("pid", os.getpid(), flush=True)          # printed by the first and the re-executed run
+cli.main()                                     # no COMMAND: prints the help, returns 0
+print("ALLOC=" + hostmem.allocator_in_use(), "THP=" + os.environ.get("THP_MEM_ALLOC_ENABLE", "-"))
+"""
+
+
+def _command(**extra: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", _COMMAND_PROBE], capture_output=True,
+                          text=True, env=_cli_env(**extra), timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()
+
+
+@pytest.mark.skipif(hostmem.find_allocator() is None or not sys.platform.startswith("linux"),
+                    reason="tcmalloc is not installed (Debian/Ubuntu: libtcmalloc-minimal4)")
+def test_the_command_restarts_itself_with_tcmalloc_mapped():
+    """A real process: the command re-executes itself (same pid, so torchrun and shells still
+    see one process), and the kernel's map of the new image holds tcmalloc."""
+    lines = _command()
+    pids = [line for line in lines if line.startswith("pid")]
+    assert len(pids) == 2 and pids[0] == pids[1], lines
+    assert lines[-1] == "ALLOC=tcmalloc THP=-"
+    lines = _command(LORALAB_ALLOCATOR="system")
+    assert len([line for line in lines if line.startswith("pid")]) == 1
+    assert lines[-1].startswith("ALLOC=system")
+
+
+def test_library_callers_are_never_re_executed():
+    """`cli.main(argv)` from a program (the tests) keeps its process and allocator."""
+    code = ("import sys\nfrom loralab import cli, hostmem\nsys.argv[0] = '/venv/bin/loralab'\n"
+            "cli.main([])\n"
+            "print('ALLOC=' + hostmem.allocator_in_use())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_cli_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "ALLOC=system"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_release_free_memory_returns_freed_heap_to_the_kernel():
+    """After 256 MiB of heap blocks are freed and released, the resident set is back near where
+    it started, so RSSSampler's baseline counts live memory only. Checked with glibc (which
+    trims at free) and, where installed, tcmalloc (which keeps freed memory until released)."""
+    code = ("import ctypes, psutil\nfrom loralab import hostmem\n"
+            "rss = lambda: psutil.Process().memory_info().rss // 2**20\n"
+            "libc = ctypes.CDLL(None)\nlibc.malloc.restype = ctypes.c_void_p\n"
+            "libc.free.argtypes = [ctypes.c_void_p]\n"
+            "start = rss()\n"
+            "blocks = [libc.malloc(64 * 1024) for _ in range(4096)]\n"  # below mmap size
+            "for b in blocks:\n    ctypes.memset(b, 1, 64 * 1024)\n"
+            "for b in blocks:\n    libc.free(b)\n"
+            "freed = rss()\n"
+            "hostmem.release_free_memory()\n"
+            "print(hostmem.allocator_in_use(), start, freed, rss())\n")
+    envs = [{}] + ([{"LD_PRELOAD": str(hostmem.find_allocator())}]
+                   if hostmem.find_allocator() else [])
+    for extra in envs:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=_cli_env(**extra), timeout=120)
+        assert done.returncode == 0, done.stderr
+        allocator, start, freed, released = done.stdout.split()
+        assert allocator == ("tcmalloc" if extra else "system")
+        assert int(released) - int(start) < 64, done.stdout
+        if extra:  # tcmalloc kept the freed blocks until asked
+            assert int(freed) - int(start) >= 128, done.stdout
