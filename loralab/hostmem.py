@@ -183,7 +183,11 @@ def preload_allocator() -> str:
     if changes:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], os.environ | changes)
+        try:
+            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+                      os.environ | changes)
+        except OSError as exc:  # the interpreter cannot be started again: carry on as is
+            return f"allocator: the C library's (could not restart with tcmalloc: {exc})"
     return line
 
 

@@ -253,3 +253,19 @@ def test_release_free_memory_returns_freed_heap_to_the_kernel():
         assert int(released) - int(start) < 64, done.stdout
         if extra:  # tcmalloc kept the freed blocks until asked
             assert int(freed) - int(start) >= 128, done.stdout
+
+
+def test_a_failed_restart_carries_on_with_one_line(monkeypatch):
+    """If the interpreter cannot be executed again, the command keeps running as it is."""
+    def refuse(*_args):
+        raise OSError("exec format error")
+
+    for name in ("LD_PRELOAD", "LORALAB_ALLOCATOR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hostmem, "find_allocator", lambda: LIB)
+    monkeypatch.setattr(hostmem.sys, "argv", COMMAND)
+    monkeypatch.setattr(hostmem.sys, "platform", "linux")
+    monkeypatch.setattr(hostmem.os, "execve", refuse)
+    line = hostmem.preload_allocator()
+    assert line == "allocator: the C library's (could not restart with tcmalloc: exec format error)"
+    assert "LD_PRELOAD" not in os.environ
