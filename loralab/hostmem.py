@@ -147,7 +147,8 @@ def allocator_plan(environ: Mapping[str, str], platform: str, library: Path | No
     """
     choice = environ.get(ALLOCATOR_VARIABLE, "auto").strip().lower()
     if choice in {"system", "0", "off", "false", "no"}:
-        return {}, f"allocator: the C library's ({ALLOCATOR_VARIABLE}={environ[ALLOCATOR_VARIABLE]})"
+        chosen = environ[ALLOCATOR_VARIABLE]
+        return {}, f"allocator: the C library's ({ALLOCATOR_VARIABLE}={chosen})"
     if caching_allocator_preloaded(environ):
         return {}, f"allocator: tcmalloc ({environ[PRELOAD_VARIABLE]})"
     if environ.get(PRELOAD_VARIABLE, "").strip():
@@ -156,7 +157,7 @@ def allocator_plan(environ: Mapping[str, str], platform: str, library: Path | No
         return {}, "allocator: the C library's (tcmalloc is preloaded on Linux only)"
     if library is None:
         return {}, ("allocator: the C library's (tcmalloc not found; install "
-                    "libtcmalloc-minimal4 for faster CPU training)")
+                    "libtcmalloc-minimal4: less memory and fewer page faults in CPU training)")
     if not is_loralab_command(argv):
         return {}, "allocator: the C library's (loralab's CLI called from another program)"
     changes = {PRELOAD_VARIABLE: str(library)}
