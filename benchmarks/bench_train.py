@@ -190,7 +190,6 @@ def worker_inference(args) -> dict:
 
 # ------------------------------------------------------------------------------------ driver
 
-HOST_SETTINGS = ("cli", "huge-pages", "default")
 _HOST_VARIABLES = ("LD_PRELOAD", "THP_MEM_ALLOC_ENABLE", "LORALAB_ALLOCATOR", "LORALAB_HUGE_PAGES")
 
 
@@ -198,7 +197,6 @@ def _host_environment(setting: str) -> dict[str, str]:
     """A worker's environment: 'cli' = what the `loralab` command gives its process (tcmalloc
     where installed, else huge pages), 'huge-pages' = huge pages only (the command's setting
     before tcmalloc), 'default' = the process defaults a hand-written script gets."""
-    sys.path.insert(0, ROOT)
     from loralab import hostmem
 
     base = {k: v for k, v in os.environ.items() if k not in _HOST_VARIABLES}
@@ -365,8 +363,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    sys.path.insert(0, ROOT)  # loralab from this checkout, for the driver and its workers
     if args.mode == "worker":  # the driver set this process's host-memory environment
-        sys.path.insert(0, ROOT)
         work = {"loralab": worker_loralab, "peft": worker_peft,
                 "inference": worker_inference}[args.impl]
         print(json.dumps(work(args)))

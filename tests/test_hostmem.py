@@ -54,7 +54,8 @@ def test_left_alone(env, modules, mode, reason):
 
 def _cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in {"THP_MEM_ALLOC_ENABLE", "LORALAB_HUGE_PAGES"}}
+           if k not in {"THP_MEM_ALLOC_ENABLE", "LORALAB_HUGE_PAGES", "LD_PRELOAD",
+                        "LORALAB_ALLOCATOR"}}
     return env | {"PYTHONPATH": str(ROOT)} | extra
 
 
