@@ -355,6 +355,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"peak memory +{costs.get('peak_memory_bytes', 0) / 2**20:.0f} MiB, "
           f"artifact {costs.get('artifact_bytes', 0) / 2**20:.2f} MiB, "
           f"MFU {100 * costs.get('mfu', 0):.2f}%")
+    for note in record.get("notes", []):
+        print(f"  note: {note}")
     print(f"record: {config.out}/record.json   tensorboard --logdir {config.out}/tb")
     return 0
 

@@ -175,6 +175,21 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu") -> floa
     return peak
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matmuls run natively here, so bf16 autocast can be faster than fp32.
+
+    CUDA: `torch.cuda.is_bf16_supported()` (Ampere and later). CPU: only with AVX512-BF16 or
+    AMX tiles; otherwise oneDNN converts bf16 to fp32 around every kernel, so a bf16 matmul runs
+    several times slower than the fp32 one (BENCHMARKS.md: ~19 vs ~125-180 GFLOP/s on an AVX2
+    EPYC) and autocast only costs time."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if kind == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return True  # other backends: no claim either way
+
+
 def mfu(train_flops: float, seconds: float, peak_flops_per_second: float) -> float:
     """Model FLOPs utilisation: achieved FLOP/s over the measured peak."""
     if seconds <= 0 or peak_flops_per_second <= 0:

@@ -1076,6 +1076,11 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
         set_phase(model, config, phase)
 
     logger = Logger(config, out, total_steps, state.step, run_id, d.main)
+    if config.precision == "bf16" and not measure.native_bf16(d.device):
+        slow = (f"bf16 on this {d.device.type} is emulated (no AVX512-BF16/AMX or bf16 GPU): "
+                "steps run several times slower than fp32; --precision fp32 is faster here")
+        notes.append(slow)
+        logger.message(slow)
     head = task_head(model) if config.method in ("head", "lora-head") else None
     sampler = measure.RSSSampler().start() if d.main else None
     if d.device.type == "cuda":

@@ -119,6 +119,23 @@ def test_benchmark_matmul_is_plausible():
     assert 1e8 < flops < 1e14
 
 
+def test_native_bf16_follows_the_cpu_flags():
+    """The CPU answer agrees with the kernel's own flag list (AVX512-BF16 or AMX tiles)."""
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        pytest.skip("no /proc/cpuinfo here")
+    flags = set()
+    for line in info.read_text().splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    assert measure.native_bf16("cpu") == bool({"avx512_bf16", "amx_tile"} & flags)
+    assert measure.native_bf16(torch.device("cpu")) == measure.native_bf16("cpu")
+    if not torch.cuda.is_available():
+        assert measure.native_bf16("cuda") is False
+
+
 def test_path_bytes_and_environment(tmp_path):
     (tmp_path / "a").write_bytes(b"x" * 10)
     (tmp_path / "d").mkdir()

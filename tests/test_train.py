@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from loralab import measure
 from loralab.errors import UserError
 from loralab.train import (TrainConfig, TrainingDiverged, config_from_yaml, decay_groups,
                            epoch_order, frozen_body, lr_factor, make_config, train)
@@ -333,6 +334,10 @@ def test_bf16_and_grad_checkpointing(tmp_path):
     assert [v for _, v in ckpt["curves"]["train_loss"]] == pytest.approx(a, abs=1e-6)
     assert [v for _, v in bf16["curves"]["train_loss"]] == pytest.approx(a, abs=0.05)
     assert [v for _, v in bf16["curves"]["train_loss"]] != a
+    # a CPU without native bf16 gets told that fp32 is the faster choice; fp32 runs are not
+    emulated = [n for n in bf16["notes"] if n.startswith("bf16 on this cpu is emulated")]
+    assert len(emulated) == (0 if measure.native_bf16("cpu") else 1)
+    assert not [n for n in fp32["notes"] if "emulated" in n]
 
 
 # --- the record, logging, evaluation schedule ------------------------------------------------
@@ -478,7 +483,8 @@ def test_end_to_end_minilm_lora_on_rt_snippets(tmp_path, capsys):
     assert rec["status"] == "finished" and rec["costs"]["data_seconds"] > 0
     assert 0 < rec["costs"]["trainable_pct"] < 1
     assert (out / "adapter" / "adapter_model.safetensors").exists()
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert rec["notes"] and all(f"note: {note}" in printed for note in rec["notes"])
     assert main(["eval", str(out), "--split", "validation", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)["validation"]
     assert again["loss"] == pytest.approx(rec["metrics"]["validation"]["loss"], abs=1e-5)
