@@ -532,6 +532,12 @@ def classification_scores(preds: list[int], labels: list[int], num_labels: int) 
     return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
 
 
+def eval_batch_size(config: TrainConfig) -> int:
+    """Rows per evaluation batch: at least 32, since no activations are kept for backward and
+    larger batches are cheaper per row."""
+    return max(config.batch_size, 32)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, collate_fn, config: TrainConfig,
              device: torch.device = torch.device("cpu"), max_batches: int = 0) -> dict:
@@ -543,7 +549,7 @@ def evaluate(model: nn.Module, dataset, collate_fn, config: TrainConfig,
     preds: list[int] = []
     golds: list[int] = []
     n = len(dataset)
-    bs = max(config.batch_size, 32)  # no activations kept: larger batches are cheaper per row
+    bs = eval_batch_size(config)
     for b, start in enumerate(range(0, n, bs)):
         if max_batches and b >= max_batches:
             break
@@ -1091,12 +1097,18 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
         _skip_gathered(step_module, tracker)
     static_bytes = 0
 
+    # step -> metrics of a periodic evaluation that read every validation example, so the final
+    # evaluation of those same weights can reuse it instead of a second identical pass
+    complete_evals: dict[int, dict] = {}
+
     def run_eval(max_batches: int) -> dict | None:
         if val_name is None or not (d.main or mode == "fsdp"):  # FSDP: every rank forwards
             return None
         t0 = time.perf_counter()
         result = evaluate(eval_net, splits[val_name], collate, config, d.device, max_batches)
         state.eval_seconds += time.perf_counter() - t0
+        if not max_batches or max_batches * eval_batch_size(config) >= len(splits[val_name]):
+            complete_evals[state.step] = result
         return result
 
     def save(best: bool = False) -> None:
@@ -1253,10 +1265,12 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
     # (FSDP: every rank reads the file, once rank 0 has written it, and keeps its shards)
     if mode == "fsdp":
         _barrier(d)
+    weights_step = state.step  # the step whose weights the final evaluation reads
     if (config.keep_best and (d.main or mode == "fsdp") and config.method != "none"
             and (ck_dir / ckpt.BEST).exists()):
         best = ckpt.load(ck_dir / ckpt.BEST)
         if best["step"] != state.step:
+            weights_step = best["step"]
             if mode == "fsdp":
                 _set_full_state(model, None, best["model"], None)
             else:
@@ -1269,7 +1283,12 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
         for name, ds in splits.items():
             if name == "train":
                 continue
-            metrics[name] = evaluate(eval_net, ds, collate, config, d.device)
+            # a complete evaluation of these weights, run eagerly, need not run twice
+            # (compiled blocks evaluate with other kernels: then the final pass runs eagerly)
+            reuse = complete_evals.get(weights_step) if name == val_name and not compiled \
+                else None
+            metrics[name] = dict(reuse) if reuse else evaluate(eval_net, ds, collate, config,
+                                                               d.device)
         for extra in config.eval_data:
             metrics[extra] = _evaluate_extra(eval_net, loaded, extra, config, d.device)
         state.eval_seconds += time.perf_counter() - t0

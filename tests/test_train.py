@@ -340,6 +340,40 @@ def test_bf16_and_grad_checkpointing(tmp_path):
     assert not [n for n in fp32["notes"] if "emulated" in n]
 
 
+def test_final_evaluation_reuses_a_complete_evaluation_of_the_same_weights(tmp_path,
+                                                                           monkeypatch):
+    """The validation pass of the last step (or of the restored best step) is not run again at
+    the end when it read every example; a partial one (eval_batches) is, over every example.
+    The reused metrics equal a fresh evaluation of the final weights."""
+    import loralab.train as train_module
+
+    calls: list[tuple[int, int]] = []
+    real = train_module.evaluate
+
+    def counting(model, dataset, collate_fn, config, device=torch.device("cpu"), max_batches=0):
+        calls.append((len(dataset), max_batches))
+        return real(model, dataset, collate_fn, config, device, max_batches)
+
+    monkeypatch.setattr(train_module, "evaluate", counting)
+    data = lm_data(n=16, n_val=40)  # 40 rows: two evaluation batches of 32
+    model = tiny_gpt2()
+    rec = run(tmp_path, model=model, data=data, name="a", max_steps=3, eval_every=1)
+    assert calls == [(40, 0)] * 3  # steps 1, 2, 3; the final evaluation reused one of them
+    best = min(rec["curves"]["val_loss"], key=lambda sv: sv[1])
+    assert rec["metrics"]["validation"]["loss"] == best[1]
+    config = TrainConfig(model="tiny", task="lm", batch_size=4)
+    fresh = real(model, data.splits["validation"], data.collate_fn, config)
+    assert fresh == pytest.approx(rec["metrics"]["validation"], rel=1e-6)
+
+    calls.clear()
+    run(tmp_path, data=data, name="b", max_steps=2, eval_every=1, eval_batches=1)
+    assert calls == [(40, 1), (40, 1), (40, 0)]  # partial passes, then a complete final one
+    calls.clear()
+    run(tmp_path, data=lm_data(n=16, n_val=20), name="c", max_steps=2, eval_every=1,
+        eval_batches=1)
+    assert calls == [(20, 1), (20, 1)]  # one batch held every row: complete, reused
+
+
 # --- the record, logging, evaluation schedule ------------------------------------------------
 
 SCHEMA_COSTS = {"trainable_params", "total_params", "trainable_pct", "artifact_bytes",
