@@ -15,6 +15,9 @@ loralab.measure.RSSSampler, started after the model and optimizer exist, on both
     python benchmarks/bench_train.py methods --model smollm2-135m
     # inference latency: base vs unmerged adapter vs merged
     python benchmarks/bench_train.py inference --model smollm2-135m
+    # bf16 autocast vs fp32 through loralab's train on real text (wiki-leads): tokens/s and the
+    # validation loss after the same steps from the same seed
+    python benchmarks/bench_train.py precision --batch 4 --seq 128 --steps 20 --lr 1e-3
 
 Host memory (`loralab.hostmem`): the `loralab` command starts with tcmalloc preloaded where the
 library is installed (else with PyTorch's transparent-huge-page allocation), so the loralab
@@ -111,6 +114,38 @@ def worker_loralab(args) -> dict:
             "peak_rss_delta": costs["peak_memory_bytes"],
             "flops_per_token": record["estimates"]["flops_per_token"],
             "trainable": costs["trainable_params"]} | _host()
+
+
+def worker_quality(args) -> dict:
+    """loralab's `train` on real text at `args.precision`: LoRA for `--steps` steps (plus the
+    warm-up step) on the first wiki-leads training blocks, from seed 0, then the loss on the first
+    `--eval-examples` validation blocks, evaluated in the run's own precision as `train` does.
+    The same blocks, seed and dropout masks on both precisions, so the losses differ by rounding
+    only. `--method none` gives the untrained model's loss, the scale to read the gap against."""
+    from loralab.data import load_task_data
+    from loralab.models import load_model
+    from loralab.train import make_config, train
+
+    loaded = load_model(args.model, "lm")
+    data = load_task_data("wiki-leads", "lm", loaded.tokenizer, seq_len=args.seq)
+    steps = args.steps + 1
+    splits = {"train": data.splits["train"].select(range(args.batch * steps)),
+              "validation": data.splits["validation"].select(range(args.eval_examples))}
+    task_data = SimpleNamespace(splits=splits, collate_fn=data.collate_fn)
+    with tempfile.TemporaryDirectory() as out:
+        config = make_config(model=args.model, task="lm", data="wiki-leads", method=args.method,
+                             preset=args.preset, rank=args.rank, alpha=2.0 * args.rank,
+                             dropout=args.dropout, max_steps=steps, batch_size=args.batch,
+                             grad_accum=1, lr=args.lr, seq_len=args.seq, precision=args.precision,
+                             eval_batches=1, warmup_steps=0, keep_best=False, compile="off",
+                             out=os.path.join(out, "run"))
+        record = train(config, loaded=loaded, task_data=task_data)
+    costs = record["costs"]
+    return {"tokens_per_second": costs.get("tokens_per_second", 0.0),
+            "validation_loss": record["metrics"]["validation"]["loss"],
+            "eval_seconds": costs.get("eval_seconds", 0.0),
+            "peak_rss_delta": costs.get("peak_memory_bytes", 0),
+            "notes": record["notes"]} | _host()
 
 
 def worker_peft(args) -> dict:
@@ -212,7 +247,7 @@ def _run_worker(kind: str, args, host: str = "cli", **overrides) -> dict:
     values = vars(args) | overrides
     cmd = [sys.executable, __file__, "worker", "--impl", kind]
     for key in ("model", "method", "preset", "rank", "dropout", "batch", "seq", "precision",
-                "steps", "repeats", "compile"):
+                "steps", "repeats", "compile", "lr", "eval_examples"):
         cmd += [f"--{key.replace('_', '-')}", str(values[key])]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_host_environment(host))
     if done.returncode != 0:
@@ -339,10 +374,40 @@ def inference(args) -> None:
           f"({result['merged'] / base:.3f}x)")
 
 
+def precision(args) -> None:
+    """bf16 autocast vs fp32 through loralab's `train` on wiki-leads, interleaved (fp32, bf16,
+    fp32, ...): steady tokens/s and the validation loss after the same steps, against the
+    untrained model's loss. The performance issue asks for bf16 >= 1.5x fp32's throughput with a
+    validation loss within 1% of fp32's."""
+    runs: dict[str, list[dict]] = {"fp32": [], "bf16": []}
+    for _ in range(args.repeats):
+        for name in runs:
+            runs[name].append(_run_worker("quality", args, precision=name))
+    base = _run_worker("quality", args, method="none", precision="fp32", steps=0)
+    fp32 = statistics.median(r["tokens_per_second"] for r in runs["fp32"])
+    loss32 = statistics.median(r["validation_loss"] for r in runs["fp32"])
+    print(f"{args.model}, LoRA {args.preset} r={args.rank} dropout {args.dropout}, "
+          f"{args.batch} x {args.seq}, lr {args.lr}, {args.steps} steps after a warm-up step; "
+          f"validation loss on {args.eval_examples} wiki-leads blocks "
+          f"(untrained model, fp32: {base['validation_loss']:.4f})")
+    print("| precision | tok/s | vs fp32 | validation loss | vs fp32 | eval s | peak MB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in runs.items():
+        tps = [r["tokens_per_second"] for r in rows]
+        loss = statistics.median(r["validation_loss"] for r in rows)
+        print(f"| {name} | {_summary(tps)} | {statistics.median(tps) / fp32:.3f}x | "
+              f"{loss:.4f} | {100 * (loss / loss32 - 1):+.2f}% | "
+              f"{statistics.median(r['eval_seconds'] for r in rows):.0f} | "
+              f"{_summary([r['peak_rss_delta'] / 2**20 for r in rows])} |")
+    for note in sorted({n for rows in runs.values() for r in rows for n in r["notes"]}):
+        print(f"note: {note}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["compare", "matrix", "methods", "inference", "worker"])
+    parser.add_argument("mode", choices=["compare", "matrix", "methods", "inference",
+                                         "precision", "worker"])
     parser.add_argument("--impl", default="loralab", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="smollm2-135m",
                         help="smollm2-135m or gpt2-shaped (12 layers, 768 wide, random weights)")
@@ -361,17 +426,21 @@ def main() -> None:
                         help="compare: also run loralab with the process defaults and with huge "
                         "pages only, and PEFT with the loralab command's host-memory setting")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    parser.add_argument("--lr", type=float, default=1e-4, help="precision: learning rate")
+    parser.add_argument("--eval-examples", type=int, default=32,
+                        help="precision: validation blocks the loss is measured on")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sys.path.insert(0, ROOT)  # loralab from this checkout, for the driver and its workers
     if args.mode == "worker":  # the driver set this process's host-memory environment
-        work = {"loralab": worker_loralab, "peft": worker_peft,
-                "inference": worker_inference}[args.impl]
+        work = {"loralab": worker_loralab, "peft": worker_peft, "inference": worker_inference,
+                "quality": worker_quality}[args.impl]
         print(json.dumps(work(args)))
     elif args.mode == "compare":
         print(_table(compare(args)))
     else:
-        {"matrix": matrix, "methods": methods, "inference": inference}[args.mode](args)
+        {"matrix": matrix, "methods": methods, "inference": inference,
+         "precision": precision}[args.mode](args)
 
 
 if __name__ == "__main__":
