@@ -538,13 +538,32 @@ def eval_batch_size(config: TrainConfig) -> int:
     return max(config.batch_size, 32)
 
 
+def _eval_loss_module(model: nn.Module, config: TrainConfig) -> nn.Module | None:
+    """For causal LMs, what returns a batch's summed next-token loss from the final hidden
+    states in chunks (`loralab.losses`), so evaluation never holds the N x V logits either: a
+    32 x 128 evaluation batch of SmolLM2 (49,152 words) would be 805 MB of fp32 logits, and as
+    much again for the log-softmax, several times what the LoRA training step itself needs.
+    None where the model's own logits are needed (classification, models whose logits are not
+    just the head of the last hidden state, `fused_loss=False`, label smoothing under FSDP)."""
+    from loralab.losses import CausalLMLoss, fused_loss_supported
+
+    if not config.fused_loss or config.task not in ("lm", "generate"):
+        return None
+    if isinstance(model, _FSDPRoot):  # the root gathers the head: go through it
+        loss = model.loss
+        return model if loss is not None and not loss.label_smoothing else None
+    return CausalLMLoss(model) if fused_loss_supported(model) else None
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, collate_fn, config: TrainConfig,
              device: torch.device = torch.device("cpu"), max_batches: int = 0) -> dict:
     """Mean cross-entropy per target (no label smoothing) plus task metrics: perplexity for
-    lm/generate (exp of the token-mean NLL), accuracy/precision/recall/F1 for classify."""
+    lm/generate (exp of the token-mean NLL), accuracy/precision/recall/F1 for classify.
+    Causal LMs take the loss from hidden states in chunks (`_eval_loss_module`)."""
     was_training = model.training
     model.eval()
+    fused = _eval_loss_module(model, config)
     nll, count = 0.0, 0.0
     preds: list[int] = []
     golds: list[int] = []
@@ -556,8 +575,12 @@ def evaluate(model: nn.Module, dataset, collate_fn, config: TrainConfig,
         rows = [dataset[i] for i in range(start, min(n, start + bs))]
         batch = _to(collate_fn(rows), device)
         with _autocast(config, device):
-            logits = _forward_logits(model, batch)
-        nll += float(loss_sum(logits, batch["labels"], config.task))
+            if fused is not None:
+                nll += float(fused(batch["input_ids"], batch.get("attention_mask"),
+                                   batch["labels"]))
+            else:
+                logits = _forward_logits(model, batch)
+                nll += float(loss_sum(logits, batch["labels"], config.task))
         count += float(target_count(batch["labels"], config.task))
         if config.task == "classify":
             preds += logits.argmax(-1).tolist()

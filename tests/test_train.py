@@ -340,6 +340,36 @@ def test_bf16_and_grad_checkpointing(tmp_path):
     assert not [n for n in fp32["notes"] if "emulated" in n]
 
 
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_evaluate_scores_causal_lms_without_building_full_logits(make):
+    """Evaluation takes a causal LM's loss from hidden states in chunks: the output head module
+    is never called (no N x V logits), and loss and perplexity equal the logits path's, on
+    ragged, padded, prompt-masked rows and with a LoRA-adapted head."""
+    from dataclasses import replace
+
+    from loralab.lora import LoRAConfig, apply_lora
+    from loralab.train import evaluate
+
+    model = make()
+    apply_lora(model, LoRAConfig(rank=2, alpha=4.0, targets="all"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    head_calls: list[tuple[int, ...]] = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_calls.append(tuple(out.shape)))
+    data = lm_data(n=4, n_val=11)
+    config = TrainConfig(model="tiny", task="lm", batch_size=4)
+    fused = evaluate(model, data.splits["validation"], data.collate_fn, config)
+    assert head_calls == []
+    plain = evaluate(model, data.splits["validation"], data.collate_fn,
+                     replace(config, fused_loss=False))
+    assert head_calls and head_calls[0][-1] == model.config.vocab_size
+    assert fused["targets"] == plain["targets"] > 0
+    assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert fused["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-5)
+
+
 def test_final_evaluation_reuses_a_complete_evaluation_of_the_same_weights(tmp_path,
                                                                            monkeypatch):
     """The validation pass of the last step (or of the restored best step) is not run again at
