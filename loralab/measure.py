@@ -179,9 +179,9 @@ def native_bf16(device: torch.device | str) -> bool:
     """Whether bf16 matmuls run natively here, so bf16 autocast can be faster than fp32.
 
     CUDA: `torch.cuda.is_bf16_supported()` (Ampere and later). CPU: only with AVX512-BF16 or
-    AMX tiles; otherwise oneDNN converts bf16 to fp32 around every kernel, so a bf16 matmul runs
-    several times slower than the fp32 one (BENCHMARKS.md: ~19 vs ~125-180 GFLOP/s on an AVX2
-    EPYC) and autocast only costs time."""
+    AMX tiles. Without them PyTorch emulates bf16 matmuls in generic kernels that convert to
+    fp32 as they go: on an AVX2 EPYC ~19 GFLOP/s for `x @ W^T` and ~1.25 for a plain `a @ b`,
+    against 125-180 in fp32 (BENCHMARKS.md). There autocast only costs time."""
     kind = torch.device(device).type
     if kind == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
