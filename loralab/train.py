@@ -545,14 +545,10 @@ def _eval_loss_module(model: nn.Module, config: TrainConfig) -> nn.Module | None
     much again for the log-softmax, several times what the LoRA training step itself needs.
     None where the model's own logits are needed (classification, models whose logits are not
     just the head of the last hidden state, `fused_loss=False`, label smoothing under FSDP)."""
-    from loralab.losses import CausalLMLoss, fused_loss_supported
-
-    if not config.fused_loss or config.task not in ("lm", "generate"):
-        return None
     if isinstance(model, _FSDPRoot):  # the root gathers the head: go through it
         loss = model.loss
         return model if loss is not None and not loss.label_smoothing else None
-    return CausalLMLoss(model) if fused_loss_supported(model) else None
+    return _fused_lm_loss(model, config, label_smoothing=0.0)
 
 
 @torch.no_grad()
@@ -777,12 +773,20 @@ def _step_module(model: nn.Module, config: TrainConfig, d: Dist) -> nn.Module:
     """What a training forward calls: for causal LMs the fused-loss module (the loss from
     hidden states in chunks, no N x V logits), otherwise the model. Under FSDP this module
     becomes the sharding root (`_FSDPRoot`), so the head's gathered weight is what it reads."""
+    loss = _fused_lm_loss(model, config, config.label_smoothing)
+    return model if loss is None else loss
+
+
+def _fused_lm_loss(model: nn.Module, config: TrainConfig,
+                   label_smoothing: float) -> nn.Module | None:
+    """`CausalLMLoss` over `model` when the run's task and model allow the fused loss (a causal
+    LM whose logits are exactly its head of the last hidden state, `fused_loss` on); else None."""
     from loralab.losses import CausalLMLoss, fused_loss_supported
 
     if (config.fused_loss and config.task in ("lm", "generate")
             and fused_loss_supported(model)):
-        return CausalLMLoss(model, config.label_smoothing)
-    return model
+        return CausalLMLoss(model, label_smoothing)
+    return None
 
 
 def _parallel_mode(config: TrainConfig, d: Dist) -> str:
