@@ -216,14 +216,23 @@ def mteval_bleu_nist(refs: Sequence[Sequence[str]], hyps: Sequence[str], *,
     reference length closest to the hypothesis length (ties -> shorter); a zero match count is
     smoothed to 1/2^k as the script does. NIST = sum_{n<=5} info(matched n-grams) / hypothesis
     n-grams, info(w1..wn) = -log2(count(w1..wn) / count(w1..wn-1)) over all references, times
-    the NIST length penalty of c / (total reference words / number of reference sets).
+    the NIST length penalty of c / (total reference words / mean number of non-empty references
+    per source).
+
+    Sources may have different numbers of references (as in E2E). The official scorer pads them
+    to the largest count with empty strings, and its modified mteval ("NIST to work with average
+    number of non-empty references") counts only the non-empty ones per segment: dividing by the
+    padded count would make the average reference too short and the length penalty too mild.
+    Empty references are likewise skipped in BLEU's closest length, except that the script
+    starts from the first reference's length even when it is empty (kept here; the padding only
+    ever appends). A bigram whose first word is "0" takes the total word count as its
+    denominator, because Perl reads the prefix string "0" as false; kept for identical scores.
     """
     if len(refs) != len(hyps):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} reference lists")
     max_n = 5
     tok_refs = [[mteval_tokenize(r, lowercase) for r in rs] for rs in refs]
     tok_hyps = [mteval_tokenize(h, lowercase) for h in hyps]
-    n_ref_sets = max((len(rs) for rs in refs), default=0)  # the script pads to this many
 
     ref_ngram_total: Counter = Counter()
     total_ref_words = 0
@@ -238,7 +247,8 @@ def mteval_bleu_nist(refs: Sequence[Sequence[str]], hyps: Sequence[str], *,
         raise ValueError("the references contain no words")
     info: dict[tuple, float] = {}
     for gram, count in ref_ngram_total.items():
-        denom = ref_ngram_total[gram[:-1]] if len(gram) > 1 else total_ref_words
+        prefix = gram[:-1]  # mteval: `$mgram ? count(mgram) : tot_wrds`; Perl's "0" is false
+        denom = ref_ngram_total[prefix] if prefix and prefix != ("0",) else total_ref_words
         info[gram] = -math.log2(count / denom)
 
     ref_length = 0
@@ -281,7 +291,9 @@ def mteval_bleu_nist(refs: Sequence[Sequence[str]], hyps: Sequence[str], *,
     bleu = math.exp(log_sum / 4) * exp_len
 
     nist = sum(tst_info[n] / max(tst[n], 1) for n in range(1, max_n + 1))
-    nist *= _nist_length_penalty(tst[1] / (total_ref_words / n_ref_sets))
+    # mean non-empty references per source (the script's $cum_ref_count / $cum_seg_count)
+    mean_refs = sum(1 for rs in tok_refs for r in rs if r) / len(tok_refs)
+    nist *= _nist_length_penalty(tst[1] / (total_ref_words / mean_refs))
     return {"BLEU": bleu, "NIST": nist}
 
 

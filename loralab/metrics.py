@@ -81,26 +81,38 @@ def evaluate_lm(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor
 @torch.no_grad()
 def strided_perplexity(model: torch.nn.Module, input_ids: torch.Tensor, *, max_length: int,
                        stride: int) -> dict[str, float]:
-    """Perplexity of one long token sequence by a sliding window (transformers' perplexity guide).
+    """Perplexity of one long token sequence x_0..x_{N-1} by a sliding window (transformers'
+    perplexity guide, without its off-by-one at disjoint windows).
 
-    Windows of up to `max_length` tokens start every `stride` tokens; in each, only the tokens
-    not scored by an earlier window are scored, so every token after the first is predicted
-    exactly once, each with up to max_length - stride tokens of context. stride == max_length
-    gives disjoint chunks (fast, less context); a smaller stride approaches true per-token
-    context. The NLL is summed and divided by the number of tokens scored.
+    A window of L = max_length tokens predicts at most L - 1 of them: the causal shift never
+    predicts its first token, which is context only. So windows start every
+    s = min(stride, L - 1) tokens: window k is x[k*s : min(k*s + L, N)] and scores only the tokens
+    no earlier window scored. Token t (1 <= t < N) is therefore scored exactly once, in window
+    k = max(0, ceil((t + 1 - L) / s)), with the t - k*s tokens before it in that window as
+    context (at least L - s for every window after the first). stride == max_length gives the
+    cheapest, least-context evaluation: windows that share one token (the previous window's last
+    token is the next one's context), identical to stride = L - 1; with L-token windows that
+    overlap by nothing, every window's first token would go unscored (transformers issue
+    #30975). A smaller stride approaches full per-token context. The NLL is summed over all
+    N - 1 scored tokens and divided by their number.
     """
+    if max_length < 2:
+        raise ValueError(f"need max_length >= 2 (a window of one token predicts nothing), "
+                         f"got {max_length}")
     if not 0 < stride <= max_length:
         raise ValueError(f"need 0 < stride <= max_length, got stride {stride}, "
                          f"max_length {max_length}")
+    step = min(stride, max_length - 1)
     ids = input_ids.reshape(1, -1)
     seq_len = ids.shape[1]
     total, count, prev_end = 0.0, 0, 0
-    for begin in range(0, seq_len, stride):
+    for begin in range(0, seq_len, step):
         end = min(begin + max_length, seq_len)
-        new = end - prev_end  # tokens not yet scored
+        # prev_end > begin for every window after the first (step <= L - 1), so the first
+        # unscored token is never the window's first token, which the shift cannot predict
         window = ids[:, begin:end]
         labels = window.clone()
-        labels[:, :-new] = IGNORE_INDEX
+        labels[:, :max(prev_end - begin, 0)] = IGNORE_INDEX
         logits = model(input_ids=window).logits
         nll, n = token_nll_sum(logits, labels)
         total += float(nll)

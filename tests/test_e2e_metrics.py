@@ -29,15 +29,17 @@ def _dev_groups(e2e_dir, n: int, start: int = 0) -> tuple[list[list[str]], list[
 # --------------------------------------------------------------------------- official figures
 
 @needs_java
+@pytest.mark.slow  # ~20 s of CPU (the METEOR JVM)
 def test_official_example_scores(e2e_dir, capsys):
     ex = e2e_dir / "example"
     expected = json.loads((ex / "expected.json").read_text())
     assert main(["score", str(ex / "devel-conc.txt"), str(ex / "baseline-output.txt"),
                  "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
-    tolerance = {"BLEU": 0.005, "NIST": 0.05, "METEOR": 0.01, "ROUGE_L": 0.005, "CIDEr": 0.03}
-    for key, tol in tolerance.items():
-        assert abs(got[key] - expected[key]) <= tol, (key, got[key], expected[key])
+    # the official scorer prints 4 decimals; every figure is deterministic (pure Python
+    # arithmetic, or the fixed METEOR 1.5 jar), so all five must agree to the last printed digit
+    for key in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"):
+        assert round(got[key], 4) == expected[key], (key, got[key], expected[key])
     for key in ("chrF", "TER", "sacreBLEU"):
         assert key in got
 
@@ -74,8 +76,9 @@ def test_nist_by_hand():
     # hypothesis "a" vs "a b": info 1 over 1 word, length ratio 1/2
     got = em.mteval_bleu_nist([["a b"]], ["a"])["NIST"]
     assert got == pytest.approx(math.exp(-beta * math.log(0.5) ** 2))
-    # two sources with 1 and 2 references: the average reference length divides by the padded
-    # reference count 2 (mteval pads), so 3 hyp words vs 6 ref words / 2 = no penalty
+    # two sources with 1 and 2 references: the average reference length divides by the mean
+    # number of non-empty references per source, 1.5 (the official scorer's modified mteval;
+    # not the padded count 2), so 3 hyp words vs 6 ref words / 1.5 = 4: length ratio 3/4
     refs = [["x y"], ["x z", "x z"]]
     counts = {"x": 3, "y": 1, "z": 2}
     total = 6
@@ -84,7 +87,50 @@ def test_nist_by_hand():
     hyp_info_1 = info["x"] + info["y"] + info["x"]
     got = em.mteval_bleu_nist(refs, ["x y", "x"])["NIST"]
     expected = hyp_info_1 / 3 + (-math.log2(1 / 3)) / 1
-    assert got == pytest.approx(expected)
+    assert got == pytest.approx(expected * math.exp(-beta * math.log(3 / 4) ** 2))
+
+
+# /work/shared/cases/nist_reference_count.py: three sources with 3, 1 and 2 references; the
+# expected figures are the official scorer's (its Perl mteval run on exactly these inputs)
+_CASE_REFS = [["the eagle is a cheap french restaurant near the river .",
+               "the eagle serves cheap french food by the river .",
+               "cheap french food is served at the eagle , which is by the river ."],
+              ["blue spice is a family friendly pub in the city centre ."],
+              ["aromi is a coffee shop .",
+               "aromi is a family friendly coffee shop near the river ."]]
+_CASE_SYSTEMS = {
+    "normal": (["the eagle is a cheap french restaurant near the river .",
+                "blue spice is a family friendly pub in the city centre .",
+                "aromi is a coffee shop near the river ."], 0.9290, 5.6376),
+    "short": (["the eagle is a french restaurant .", "blue spice is a pub .",
+               "aromi is a coffee shop ."], 0.4316, 1.6155),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CASE_SYSTEMS))
+def test_nist_with_varying_reference_counts_equals_official_script(name):
+    hyps, bleu, nist = _CASE_SYSTEMS[name]
+    got = em.mteval_bleu_nist(_CASE_REFS, hyps)
+    # the official scorer prints 4 decimals
+    assert round(got["BLEU"], 4) == bleu
+    assert round(got["NIST"], 4) == nist
+    # the official scorer's own padding (empty strings up to the largest count) changes nothing
+    padded = [rs + [""] * (3 - len(rs)) for rs in _CASE_REFS]
+    assert em.mteval_bleu_nist(padded, hyps) == pytest.approx(got, rel=1e-12)
+
+
+def test_nist_zero_prefix_quirk_by_hand():
+    # mteval's info of an n-gram divides by the count of its (n-1)-word prefix unless that
+    # prefix string is false in Perl: "" (unigrams) and also "0", so the bigram "0 a" divides by
+    # the total word count. refs "0 a 0 b": counts 0:2 a:1 b:1 (4 words), "0 a":1.
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    penalty = math.exp(-beta * math.log(2 / 4) ** 2)  # 2 hyp words vs 4 ref words
+    unigram = (-math.log2(2 / 4) - math.log2(1 / 4)) / 2
+    got = em.mteval_bleu_nist([["0 a 0 b"]], ["0 a"])["NIST"]
+    assert got == pytest.approx((unigram - math.log2(1 / 4)) * penalty)
+    # any other first word divides by its own count (2 here): info 1, not 2
+    got = em.mteval_bleu_nist([["x a x b"]], ["x a"])["NIST"]
+    assert got == pytest.approx((unigram - math.log2(1 / 2)) * penalty)
 
 
 def test_bleu_smoothing_and_brevity_by_hand():
@@ -94,6 +140,12 @@ def test_bleu_smoothing_and_brevity_by_hand():
     expected = math.exp((math.log(2 / 3) + math.log(1 / 2) + math.log(1 / 2)) / 4)
     expected *= math.exp(1 - 4 / 3)
     assert got == pytest.approx(expected)
+    # the closest reference length skips empty references (a padded "" would be 0 words, tying
+    # with 4 at distance 2 and, as the shorter, winning), as mteval's brevity_penalty_closest
+    got = em.mteval_bleu_nist([["a b c d", ""]], ["a b"])["BLEU"]
+    assert got == pytest.approx(math.exp(1 - 4 / 2))
+    # ... except the first reference, whose length mteval takes unchecked (padding only appends)
+    assert em.mteval_bleu_nist([["", "a b c d"]], ["a b"])["BLEU"] == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------- COCO scorers
