@@ -113,7 +113,15 @@ def worker_loralab(args) -> dict:
             "first_step_extra": costs["first_step_seconds"] - steady,
             "peak_rss_delta": costs["peak_memory_bytes"],
             "flops_per_token": record["estimates"]["flops_per_token"],
+            "peak_flops_per_second": record["estimates"]["peak_flops_per_second"],
+            "peak_shapes": [list(s) for s in _peak_shapes(model, args.batch * args.seq)],
             "trainable": costs["trainable_params"]} | _host()
+
+
+def _peak_shapes(model, tokens: int) -> tuple:
+    from loralab.peak import matmul_shapes
+
+    return matmul_shapes(model, tokens)
 
 
 def worker_quality(args) -> dict:
@@ -346,23 +354,32 @@ def methods(args) -> None:
                 compile="off" if args.compile == "both" else args.compile))
     import torch
 
-    from loralab.measure import benchmark_matmul
+    from loralab.peak import benchmark_shapes, mfu_figure
 
-    # measured here, in the same run, rather than taken from loralab's per-machine cache (which
-    # keeps whatever the first measurement saw, load included): best 2048^3 fp32 matmul of 5
-    peak = benchmark_matmul(torch.float32, "cpu", n=2048, iters=5)
-    print(f"MFU: model FLOPs per token x steady tokens/s over the fp32 matmul peak measured "
-          f"in this run, {peak / 1e9:.1f} GFLOP/s (best 2048^3 matmul of 5)")
+    # loralab's peak (loralab.peak): best-of-k F.linear at the model's own largest shapes, fp32.
+    # Timed here once more, between the workers (the machine as idle as this run gets it), and
+    # the highest of that and the peaks the workers divided by is used for every row.
+    runs_all = [r for runs in results.values() for r in runs]
+    shapes = tuple(sorted({tuple(s) for r in runs_all for s in r["peak_shapes"]}))
+    fresh, calls = benchmark_shapes(shapes, torch.float32, "cpu")
+    peak = max([fresh] + [r["peak_flops_per_second"] for r in runs_all])
+    sizes = ", ".join("x".join(map(str, s)) for s in shapes)
+    used = ", ".join(f"{r['peak_flops_per_second'] / 1e9:.1f}" for r in runs_all)
+    print(f"MFU: model FLOPs per token x steady tokens/s over the fp32 matmul peak, "
+          f"{peak / 1e9:.1f} GFLOP/s (best of >= {calls} F.linear calls at the model's shapes "
+          f"{sizes}; {fresh / 1e9:.1f} timed now, the workers' {used})")
     print("| method | tok/s (median, min-max) | step time ratio vs full | peak MB | MFU |")
     print("|---|---|---|---|---|")
     full = statistics.median(r["tokens_per_second"] for r in results["full"])
     for method, runs in results.items():
         tps = [r["tokens_per_second"] for r in runs]
         mem = [r["peak_rss_delta"] / 2**20 for r in runs]
-        mfu = statistics.median(r["flops_per_token"] * r["tokens_per_second"] / peak
-                                for r in runs)
+        rate = statistics.median(r["flops_per_token"] * r["tokens_per_second"] for r in runs)
+        mfu, why = mfu_figure(rate, 1.0, peak)
         print(f"| {method} | {_summary(tps)} | {full / statistics.median(tps):.2f} | "
-              f"{_summary(mem)} | {100 * mfu:.1f}% |")
+              f"{_summary(mem)} | {'unreliable' if mfu is None else f'{100 * mfu:.1f}%'} |")
+        if why:
+            print(f"  {method}: {why}")
 
 
 def inference(args) -> None:
@@ -432,6 +449,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sys.path.insert(0, ROOT)  # loralab from this checkout, for the driver and its workers
+    if args.mode != "worker":  # the driver names the machine; a worker's stdout is its JSON
+        from loralab.measure import describe_device
+
+        print(describe_device("cpu"), flush=True)
     if args.mode == "worker":  # the driver set this process's host-memory environment
         work = {"loralab": worker_loralab, "peft": worker_peft, "inference": worker_inference,
                 "quality": worker_quality}[args.impl]

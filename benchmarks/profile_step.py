@@ -128,6 +128,10 @@ def main() -> None:
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
+    from loralab.measure import describe_device
+
+    print(describe_device("cpu"), flush=True)  # the CPU and its flags decide every figure
+
     generator = torch.Generator().manual_seed(1)
     sides = {s: build(s, args.dropout, args.rank, args.preset, args.model)
              for s in args.sides.split(",")}

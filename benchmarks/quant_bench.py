@@ -44,6 +44,9 @@ def main() -> None:
                          "frozen base (QLoRA), each in a fresh process")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from loralab.measure import describe_device
+
+    print(describe_device("cpu"), flush=True)  # the CPU and its flags decide every figure
     if args.memory:
         memory_table(args)
         return

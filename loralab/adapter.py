@@ -30,13 +30,11 @@ from torch import nn
 
 from loralab.errors import UserError
 from loralab.lora import LoRALinear, has_lora, head_modules, lora_modules, untie_weight
+from loralab.peft_fields import check_lora_config
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_UNSUPPORTED = {"use_dora": "DoRA", "layers_to_transform": "layers_to_transform",
-                "layer_replication": "layer_replication", "target_parameters": "target_parameters",
-                "trainable_token_indices": "trainable_token_indices", "use_qalora": "QALoRA"}
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -48,13 +46,39 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
+def _head_parts(model: nn.Module) -> tuple[list[tuple[str, nn.Module]],
+                                           list[tuple[str, LoRALinear]]]:
+    """The task head (`loralab.lora.head_modules`) split for saving: (modules stored whole, as
+    PEFT's `modules_to_save`; LoRA layers inside the head). A head module without adapters is
+    stored whole (DistilBERT: pre_classifier and classifier; RoBERTa: the classifier wrapper).
+    Inside one that carries adapters (preset `all`) the adapted layers keep their adapters and
+    every other submodule with parameters of its own is stored whole under its full name."""
+    whole: list[tuple[str, nn.Module]] = []
+    adapted: list[tuple[str, LoRALinear]] = []
+    for name, head in head_modules(model):
+        subs = [(f"{name}.{s}" if s else name, m) for s, m in head.named_modules()]
+        layers = [(n, m) for n, m in subs if isinstance(m, LoRALinear)]
+        if not layers:
+            whole.append((name, head))
+            continue
+        adapted += layers
+        for full, module in subs:
+            if any(full == n or full.startswith(n + ".") for n, _ in layers + whole):
+                continue
+            if next(module.parameters(recurse=False), None) is not None:
+                if any(n.startswith(full + ".") for n, _ in layers):
+                    raise UserError(f"head module {full} holds parameters and adapted layers, "
+                                    "which PEFT's format cannot store; do not adapt its layers")
+                whole.append((full, module))
+    return whole, adapted
+
+
 def _heads_to_save(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Heads stored with the adapter: trainable ones, and always a classifier (it is freshly
-    initialised for the task, so the adapter is meaningless without it)."""
-    adapted = {n for n, _ in lora_modules(model)}
+    """Head modules stored with the adapter: trainable ones, and always a classifier's (it is
+    freshly initialised for the task, so the adapter is meaningless without all of it)."""
     classify = _task_type(model) == "SEQ_CLS"
-    return [(n, m) for n, m in head_modules(model) if n not in adapted
-            and (classify or any(p.requires_grad for p in m.parameters()))]
+    return [(n, m) for n, m in _head_parts(model)[0]
+            if classify or any(p.requires_grad for p in m.parameters())]
 
 
 def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
@@ -84,7 +108,7 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         for pname, param in head.named_parameters():
             tensors[f"{PREFIX}{name}.{pname}"] = param.detach().contiguous()
     task_type = _task_type(model)
-    adapted_heads = [(n, m) for n, m in head_modules(model) if isinstance(m, LoRALinear)]
+    adapted_heads = _head_parts(model)[1]
     if task_type == "SEQ_CLS" and adapted_heads:
         # A LoRA-adapted classifier: its base weights are new for the task, so they are stored
         # as PEFT stores base layers (`.base_layer.`); SEQ_CLS would make PEFT expect the
@@ -181,13 +205,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA; "
                         "loralab loads LoRA adapters only")
-    for key, what in _UNSUPPORTED.items():
-        if config.get(key):
-            raise UserError(f"{config_path}: {what} adapters are not supported by loralab; "
-                            "load this adapter with PEFT instead")
-    if config.get("bias", "none") != "none":
-        raise UserError(f"{config_path}: bias={config['bias']!r} is not supported; "
-                        "loralab adapters train no biases (bias='none')")
+    check_lora_config(config, config_path)  # allow-list of the LoraConfig fields loralab reproduces
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -285,9 +303,15 @@ def _load_heads(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict
                 frozen_heads: list[str], directory) -> None:
     """Copy the other saved parameters into the model: fully trained heads (PEFT's
     `modules_to_save`, made trainable unless loralab saved them frozen) and base-layer copies
-    PEFT writes for tied layers (`<module>.base_layer.weight`, loaded but kept frozen)."""
+    PEFT writes for tied layers (`<module>.base_layer.weight`, loaded but kept frozen).
+
+    A parameter belongs to `modules_to_save` by PEFT's own rule: its module or an ancestor has a
+    name ending with an entry (so `classifier` covers RoBERTa's `classifier.dense`). A
+    classifier's head is new for the task, so every parameter of it must be in the adapter:
+    otherwise it would stay random and the adapter would not reproduce its run."""
     modules = dict(model.named_modules())
     to_save = config.get("modules_to_save") or []
+    written: set[int] = set()
     for key, tensor in tensors.items():
         name, _, pname = key.replace(".modules_to_save.", ".").rpartition(".")
         frozen = name.endswith(".base_layer") or name == "base_layer"
@@ -306,5 +330,17 @@ def _load_heads(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict
                             f"model's is {tuple(param.shape)}; check num_labels / base model")
         with torch.no_grad():
             param.copy_(tensor)
-        trained = any(name == t or name.endswith("." + t) for t in to_save)
-        param.requires_grad_(trained and not frozen and name not in frozen_heads)
+        written.add(id(param))
+        parts = name.split(".")
+        owners = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        trained = any(o.endswith(t) for o in owners for t in to_save)
+        param.requires_grad_(trained and not frozen and not set(owners) & set(frozen_heads))
+    if _task_type(model) == "SEQ_CLS":
+        from loralab.models import head_parameters
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        missing = [names[id(p)] for p in head_parameters(model) if id(p) not in written]
+        if missing:
+            raise UserError(f"{directory}: the adapter holds no {missing[0]}, part of the new "
+                            "classification head, which would stay random; save the adapter "
+                            "with the whole head (modules_to_save)")

@@ -180,14 +180,16 @@ MERGE_EPILOG = """examples:
 
 Folds the run's LoRA adapters into the base weights (W + (alpha/r) B A) and writes a plain
 transformers model (save_pretrained, safetensors) and its tokenizer: serve it with anything that
-loads transformers models, with no loralab and no adapter code.
+loads transformers models, with no loralab and no adapter code. Quantized runs write the float
+form of the model they recorded: qlora dequant(Q(W)) + s B A, qat-lora and lora-ptq
+dequant(Q(W + s B A)) (a note says which).
 """
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from loralab import study
 
-    out = study.merge_run(args.run, args.out)
+    out = study.merge_run(args.run, args.out, note=lambda m: print(f"note: {m}"))
     print(f"merged model written to {out}")
     return 0
 
@@ -218,7 +220,7 @@ TARGETS_EPILOG = """presets (per architecture: GPT-2, LLaMA/SmolLM2, Gemma 3, BE
   attn            Wq, Wk, Wv                              (LoRA-1)
   attn-proj       + attention output projection          (LoRA-2)
   attn-proj-ffn   + feed-forward projections             (LoRA-3)
-  all             + output head or classifier            (LoRA-4)
+  all             + every layer of the task head          (LoRA-4)
 
 examples:
   loralab targets smollm2-135m --preset qv
@@ -302,7 +304,7 @@ TRAIN_EPILOG = """examples:
   loralab train --model minilm-l6 --task classify --data rt-snippets --method lora \\
       --preset qv --rank 8 --alpha 16 --epochs 1 --batch-size 16 --lr 5e-4 --out runs/lora
   loralab train --model smollm2-135m --task lm --data wiki-leads --method full \\
-      --max-steps 200 --batch-size 8 --grad-accum 4 --precision bf16 --out runs/full
+      --max-steps 200 --batch-size 8 --grad-accum 4 --out runs/full
   loralab train --config my-run.yaml --lr 1e-4        # YAML keys = TrainConfig fields
   loralab train --out runs/lora --resume --config my-run.yaml   # continue a killed run
   torchrun --nproc-per-node 2 -m loralab train ...   # DDP (gloo on CPU, NCCL on GPU);
@@ -312,6 +314,8 @@ methods: none (evaluate only), full, head (frozen body under no_grad), lora, lor
 (LoRA, then head only for --head-epochs), qat-lora / qlora / lora-ptq (see loralab.quant).
 The run directory gets record.json (config, metrics, costs, curves), tb/ (TensorBoard),
 checkpoints/ (resume), and adapter/ (PEFT format), head/ or model/.
+--precision auto (the default) is bf16 autocast where the CPU has AVX512-BF16 or AMX-BF16 (or
+the GPU has bf16), fp32 elsewhere; the record keeps both (config.precision, env.precision).
 """
 
 
@@ -320,6 +324,16 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
     return {name: getattr(args, name) for name in config_fields()
             if getattr(args, name, None) is not None}
+
+
+def _mfu_text(costs: dict, estimates: dict) -> str:
+    """MFU and the peak it divides by; never a figure above 100% (the record then holds None
+    and the reason, shown among the notes)."""
+    if costs.get("mfu") is None:
+        return "MFU unreliable (see note)"
+    peak = estimates.get("peak_flops_per_second") or 0.0
+    of = f" of a {peak / 1e9:.1f} GFLOP/s matmul peak" if peak else ""
+    return f"MFU {100 * costs['mfu']:.2f}%{of}"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -354,7 +368,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"{costs.get('tokens_per_second', 0):.0f} tokens/s, "
           f"peak memory +{costs.get('peak_memory_bytes', 0) / 2**20:.0f} MiB, "
           f"artifact {costs.get('artifact_bytes', 0) / 2**20:.2f} MiB, "
-          f"MFU {100 * costs.get('mfu', 0):.2f}%")
+          f"{_mfu_text(costs, record.get('estimates') or {})}")
     for note in record.get("notes", []):
         print(f"  note: {note}")
     print(f"record: {config.out}/record.json   tensorboard --logdir {config.out}/tb")
@@ -431,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=("linear", "cosine", "constant"))
     p.add_argument("--grad-clip", dest="grad_clip", type=float, help="0 disables")
     p.add_argument("--label-smoothing", dest="label_smoothing", type=float)
-    p.add_argument("--precision", choices=("fp32", "bf16"))
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="auto (default): bf16 autocast where bf16 is native (AVX512-BF16 / "
+                   "AMX-BF16 CPUs, bf16 GPUs), fp32 elsewhere")
     p.add_argument("--parallel", choices=("auto", "ddp", "fsdp"),
                    help="under torchrun: auto (FSDP for --method full, DDP otherwise), ddp, "
                    "or fsdp (full only: weights, gradients, optimizer state sharded)")
@@ -447,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate + checkpoint every N steps (always at epoch ends)")
     p.add_argument("--eval-batches", dest="eval_batches", type=int,
                    help="validation batches per periodic evaluation (0 = all)")
+    p.add_argument("--eval-max-examples", dest="eval_max_examples", type=int,
+                   help="bound every evaluation split, the final evaluation included, to N "
+                   "examples (a fixed subset; default 0 = all) for quick runs")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     p.add_argument("--head-epochs", dest="head_epochs", type=float,
                    help="lora-head: final epochs that train the head only")
@@ -470,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--seq-len", dest="seq_len", type=int)
     p.add_argument("--num-labels", dest="num_labels", type=int)
-    p.add_argument("--precision", choices=("fp32", "bf16"))
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="default: the run's own (auto: bf16 only where it is native here)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_eval)
     # [engineer C] score

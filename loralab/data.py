@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -140,12 +141,13 @@ class TaskData:
         return dict(sorted(Counter(int(x) for x in self.splits[split]["labels"]).items()))
 
     def token_counts(self, split: str) -> tuple[int, int]:
-        """(tokens, tokens with a loss) in `split`."""
+        """(tokens, tokens with a loss) in `split`. A row's first label is never predicted (the
+        causal shift), so an lm block of T tokens has T - 1 with a loss, as evaluation counts."""
         ds = self.splits[split]
         total = sum(sum(m) for m in ds["attention_mask"])
         if self.task == "classify":
             return total, 0
-        return total, sum(sum(1 for x in lab if x != -100) for lab in ds["labels"])
+        return total, sum(sum(1 for x in lab[1:] if x != -100) for lab in ds["labels"])
 
 
 # ---------------------------------------------------------------- helpers
@@ -502,6 +504,18 @@ def _prompt_target(prompts: list[str], targets: list[str], tokenizer: Any, seq_l
         out["attention_mask"].append([1] * (len(p) + len(t)))
         out["labels"].append([-100] * len(p) + t)
     return out, dropped
+
+
+def subsample(dataset: Any, n: int | None) -> Any:
+    """The same `n` examples for every strategy, seed and run: a fixed (seed 0) sample of the
+    rows, kept in their order. `None` or `n >= len(dataset)` returns the dataset itself.
+
+    Why seed 0 and not the run's seed: paired comparisons between strategies need every run to
+    score the same examples."""
+    if n is None or n >= len(dataset):
+        return dataset
+    idx = sorted(random.Random(0).sample(range(len(dataset)), n))
+    return dataset.select(idx)
 
 
 def generation_prompt(source: str) -> str:

@@ -42,7 +42,6 @@ from loralab.errors import UserError
 from loralab.targets import (
     PRESETS,
     Target,
-    head_module_names,
     in_out_features,
     is_adaptable,
     resolve_targets,
@@ -64,7 +63,8 @@ class LoRAConfig:
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
     train_head: bool = False
-    """Also train the output head / classifier fully (PEFT's `modules_to_save`)."""
+    """Also train the whole task head fully (PEFT's `modules_to_save`): every module the task
+    adds on the backbone, e.g. DistilBERT's pre_classifier + classifier (`head_modules`)."""
     init: Literal["kaiming", "gaussian"] = "kaiming"
     """Init of A: Kaiming-uniform as nn.Linear (PEFT's default) or N(0, 1/r) (the paper)."""
 
@@ -363,7 +363,9 @@ def untie_weight(model: nn.Module, module: nn.Module) -> bool:
     (a tied lm_head and input embedding). Needed before training or merging into the head,
     which would otherwise change the embeddings too. Returns True if a copy was made."""
     weight = module.weight
-    shared = any(m is not module and getattr(m, "weight", None) is weight
+    # owners of the tensor only: a LoRALinear's `weight` property shows its base's weight,
+    # which must not count as sharing (it would untie every adapted layer on merge)
+    shared = any(m is not module and m._parameters.get("weight") is weight
                  for m in model.modules())
     if not shared:
         return False
@@ -378,8 +380,11 @@ def untie_weight(model: nn.Module, module: nn.Module) -> bool:
 
 
 def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    modules = dict(model.named_modules())
-    return [(n, modules[n]) for n in head_module_names(model)]
+    """The task head's modules (`loralab.models.task_head_modules`): what `train_head` trains
+    fully and PEFT's `modules_to_save` names, e.g. DistilBERT's pre_classifier + classifier."""
+    from loralab.models import task_head_modules
+
+    return list(task_head_modules(model).items())
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
@@ -392,10 +397,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         raise UserError("model already has LoRA adapters; merge_lora() or start from a fresh model")
     targets: list[Target] = resolve_targets(model, config.targets)
     heads = head_modules(model) if config.train_head else []
-    head_names = {n for n, _ in heads}
-    clash = head_names & {t.name for t in targets}
+    clash = [t.name for t in targets for h, _ in heads
+             if t.name == h or t.name.startswith(h + ".")]
     if clash:
-        raise UserError(f"{sorted(clash)[0]} is both a LoRA target and a fully trained head; "
+        raise UserError(f"{clash[0]} is both a LoRA target and part of the fully trained head; "
                         "use preset 'attn-proj-ffn' with train_head, or 'all' without it")
     model.requires_grad_(False)
     for target in targets:
@@ -404,7 +409,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
                            config.init)
         _set_submodule(model, target.name, layer)
     for _, head in heads:
-        untie_weight(model, head)
+        for module in head.modules():  # a tied lm_head gets its own weight before it trains
+            if isinstance(getattr(module, "weight", None), nn.Parameter):
+                untie_weight(model, module)
         head.requires_grad_(True)
     return model
 

@@ -10,15 +10,14 @@ around its work; nothing keeps global state. The cost model follows DESIGN secti
 
 where N counts the weights that take part in a matmul per token (linear / Conv1D layers; an
 embedding lookup costs no FLOPs). Model FLOPs utilisation (MFU) divides achieved FLOP/s by
-the machine's measured matmul peak, which is benchmarked once and cached.
+the machine's matmul peak, measured at the model's own shapes and checked against every run
+(loralab.peak).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,67 +124,48 @@ def flops_per_token(method: str, n_matmul: int, *, lora_params: int = 0,
     raise ValueError(f"unknown method {method!r}")
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("LORALAB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "loralab")
-    return Path(root)
+def flops_per_token_formula(method: str, n_matmul: int, *, lora_params: int = 0,
+                            head_params: int = 0, lora_fraction: float = 1.0) -> str:
+    """`flops_per_token` written out with the run's numbers, so a record's figure can be
+    checked by hand. lora-head mixes its two phases by the fraction of steps each took."""
+    def one(m: str) -> tuple[str, float]:
+        value = flops_per_token(m, n_matmul, lora_params=lora_params, head_params=head_params)
+        if m == "full":
+            return f"6 N = 6 x {n_matmul:,}", value
+        if m == "head":
+            return f"2 N + 4 N_head = 2 x {n_matmul:,} + 4 x {head_params:,}", value
+        if m == "none":
+            return "0 (no training)", value
+        return f"4 N + 6 A = 4 x {n_matmul:,} + 6 x {lora_params:,}", value
+
+    where = ("N = weights in linear/Conv1D layers, A = LoRA adapter parameters, N_head = task "
+             "head parameters")
+    if method == "lora-head":
+        (lora_text, lora_value), (head_text, head_value) = one("lora"), one("head")
+        total = lora_fraction * lora_value + (1 - lora_fraction) * head_value
+        return (f"{lora_fraction:.4g} x ({lora_text}) + {1 - lora_fraction:.4g} x "
+                f"({head_text}) = {total:,.0f} ({where}; the fractions are the LoRA and "
+                "head-only shares of the steps)")
+    text, value = one(method)
+    return f"{text} = {value:,.0f} ({where})"
 
 
-def benchmark_matmul(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 1024,
-                     iters: int = 3) -> float:
-    """Best achieved FLOP/s of an n x n x n matmul (2 n^3 FLOPs each) over a few repetitions."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    a @ b  # warm-up: thread pool, kernels
-    best = float("inf")
-    for _ in range(iters):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
-
-
-def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
-    """The machine's matmul peak in FLOP/s, measured once and cached on disk.
-
-    The cache key holds device, dtype, thread count and torch version, since each changes it.
-    """
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    key = f"{name}|{dtype}|threads={torch.get_num_threads()}|torch={torch.__version__}"
-    path = _cache_dir() / "matmul_peak.json"
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return float(cache[key])
-    peak = benchmark_matmul(dtype, device)
-    cache[key] = peak
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs a re-measurement next time
-    return peak
-
-
-def native_bf16(device: torch.device | str) -> bool:
+def native_bf16(device: torch.device | str, cpu: CPUInfo | None = None) -> bool:
     """Whether bf16 matmuls run natively here, so bf16 autocast can be faster than fp32.
 
     CUDA: `torch.cuda.is_bf16_supported()` (Ampere and later). CPU: only with AVX512-BF16 or
-    AMX tiles. Without them PyTorch emulates bf16 matmuls in generic kernels that convert to
-    fp32 as they go: on an AVX2 EPYC ~19 GFLOP/s for `x @ W^T` and ~1.25 for a plain `a @ b`,
-    against 125-180 in fp32 (BENCHMARKS.md). There autocast only costs time."""
+    AMX-BF16, read from the CPU's flags (`cpu_info`, the same reading every record and
+    benchmark reports; torch's own CPUID check where the flags cannot be read). Without them
+    PyTorch emulates bf16 matmuls in generic kernels that convert to fp32 as they go: on an
+    AVX2 EPYC ~19 GFLOP/s for `x @ W^T` and ~1.25 for a plain `a @ b`, against 125-180 in fp32
+    (BENCHMARKS.md). There autocast only costs time."""
     kind = torch.device(device).type
     if kind == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if kind == "cpu":
+        flags = (cpu or cpu_info()).native_bf16
+        if flags is not None:
+            return flags
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return True  # other backends: no claim either way
 
@@ -344,16 +324,101 @@ def peak_cuda_bytes() -> int:
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0
 
 
+# --- the processor ----------------------------------------------------------------------
+
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+"""The x86 flags that decide matmul speed here: AVX2 + FMA for the fp32 kernels, AVX-512, and
+bf16 in hardware (AVX512-BF16 dot products, AMX tiles with their bf16 multiply)."""
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""Either one makes bf16 matmuls native; without both they are emulated (`native_bf16`)."""
+
+
+@dataclass(frozen=True)
+class CPUInfo:
+    """The processor a run or benchmark ran on: the same code is ~30x faster or slower in bf16
+    and differs in the last bits of fp32 between an AVX2 EPYC and an AMX Xeon (DESIGN 5)."""
+
+    model: str
+    """Model name, e.g. "AMD EPYC 7B13" or "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"."""
+    flags: tuple[str, ...] | None
+    """Which of CPU_FLAGS it has, in that order; None where the flags cannot be read."""
+
+    @property
+    def native_bf16(self) -> bool | None:
+        """AVX512-BF16 or AMX-BF16 present; None when the flags are unknown."""
+        return None if self.flags is None else any(f in self.flags for f in BF16_FLAGS)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "flags": None if self.flags is None else list(self.flags),
+                "native_bf16": self.native_bf16}
+
+    def line(self) -> str:
+        """One line for logs: model, the flags that matter, and what that means for bf16."""
+        if self.flags is None:
+            return f"{self.model} (flags unknown)"
+        bf16 = ("bf16 native" if self.native_bf16
+                else f"bf16 emulated: no {'/'.join(BF16_FLAGS)}")
+        return f"{self.model} ({' '.join(self.flags) or 'no ' + '/'.join(CPU_FLAGS)}; {bf16})"
+
+
+def parse_cpuinfo(text: str) -> CPUInfo:
+    """A CPUInfo from the text of /proc/cpuinfo (what `lscpu` reads too): the first processor's
+    `model name` and which of CPU_FLAGS its `flags` line lists. Without a flags line (ARM
+    lists `Features`) the flags are unknown, not absent."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough: all cores are alike here
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    model = fields.get("model name") or fields.get("hardware") or fields.get("cpu model") or ""
+    flags = None
+    if "flags" in fields:
+        have = set(fields["flags"].split())
+        flags = tuple(f for f in CPU_FLAGS if f in have)
+    return CPUInfo(model=model or "unknown CPU", flags=flags)
+
+
+def cpu_info(path: str | os.PathLike = "/proc/cpuinfo") -> CPUInfo:
+    """This machine's CPUInfo: /proc/cpuinfo on Linux; elsewhere the platform's processor
+    name with unknown flags."""
+    import platform
+
+    try:
+        info = parse_cpuinfo(Path(path).read_text(errors="replace"))
+    except OSError:
+        return CPUInfo(model=platform.processor() or platform.machine() or "unknown CPU",
+                       flags=None)
+    if info.model == "unknown CPU" and (platform.processor() or platform.machine()):
+        info = CPUInfo(model=platform.processor() or platform.machine(), flags=info.flags)
+    return info
+
+
+def describe_device(device: torch.device | str = "cpu", cpu: CPUInfo | None = None) -> str:
+    """One line naming where the work runs, printed at the start of every benchmark: the CPU
+    with its flags and thread count, and the GPU on CUDA."""
+    cpu = cpu or cpu_info()
+    line = f"cpu: {cpu.line()}, {torch.get_num_threads()} threads"
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        line = (f"gpu: {torch.cuda.get_device_name(device)} (bf16 "
+                f"{'native' if native_bf16(device) else 'emulated'}); host {line}")
+    return line
+
+
 # --- environment --------------------------------------------------------------------------
 
 def environment(device: str) -> dict:
-    """Library versions, device, thread count and the project's git revision."""
+    """Library versions, device, thread count, the CPU (model, flags that matter, native bf16;
+    `cpu_info`), the GPU on CUDA, and the project's git revision."""
     import platform
     import subprocess
 
     env: dict = {"python": platform.python_version(), "torch": torch.__version__,
                  "device": device, "threads": torch.get_num_threads(),
-                 "platform": platform.platform(),
+                 "platform": platform.platform(), "cpu": cpu_info().to_dict(),
                  "huge_pages": hostmem.huge_pages_active(os.environ),
                  "allocator": hostmem.allocator_in_use()}
     for lib in ("transformers", "datasets", "numpy", "peft"):

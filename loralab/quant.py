@@ -601,18 +601,14 @@ def deploy(model: nn.Module, method: str, scheme: Scheme | str,
         if times:
             times |= latency({"merged": merged}, batches[0], repeats=latency_repeats)
     else:
+        merged = merge_and_quantize(copy.deepcopy(model), method, scheme)
         unmerged = copy.deepcopy(model)
-        merged = merge_lora(copy.deepcopy(model))
         float_merged = None
         if method == "qat-lora":
             convert_qat(unmerged, scheme)
-            convert_qat(merged, scheme)
-        elif method == "lora-ptq":
+        else:  # lora-ptq
             float_merged = merge_lora(copy.deepcopy(model)).eval()
             quantize_weights(unmerged, scheme)  # the bases under the adapters too
-            quantize_weights(merged, scheme)
-        else:
-            raise UserError(f"deploy: unknown method {method!r}; use qat-lora, lora-ptq or qlora")
         unmerged_metrics = evaluate_fn(unmerged)
         unmerged_logits = collect_logits(unmerged, batches)
         timed = {"merged": merged, "unmerged": unmerged}
@@ -679,7 +675,8 @@ def finish_run(model: nn.Module, method: str, scheme_name: str, metrics: dict[st
     `out/quantized/model.pt`, and return (metrics for the run record, the record's "quant"
     section). qat-lora and lora-ptq report the merged, really quantized model (what is
     deployed); qlora keeps the metrics of what it trained (quantized base + float adapter, how
-    QLoRA adapters are served) and reports the merged model under "quant"."""
+    QLoRA adapters are served) and reports the merged model under "quant". Loading the run
+    rebuilds the model of the recorded metrics from the adapter: `rebuild_recorded`."""
     dep = deploy(model, method, scheme_name, evaluate_fn, batches, adapter_metrics=metrics)
     path = save_model(dep.model, Path(out) / "quantized" / "model.pt")
     info = dict(dep.info)
@@ -688,6 +685,127 @@ def finish_run(model: nn.Module, method: str, scheme_name: str, metrics: dict[st
     info["quantized_model_bytes"] = path.stat().st_size
     info["logical_params"] = count_parameters(dep.model)[1]
     return (metrics if method == "qlora" else dep.metrics), info
+
+
+def merge_and_quantize(model: nn.Module, method: str, scheme: Scheme | str) -> nn.Module:
+    """The deployed model of qat-lora and lora-ptq, Q(W + s B A), from the trained adapter model
+    (in place): merge the adapters, then convert the fake-quantized bases (qat-lora) or
+    post-training quantize the merged weights (lora-ptq). Shared by `deploy` (which records its
+    metrics) and `rebuild_recorded` (which loads a run), so both build the same model."""
+    from loralab.lora import merge_lora
+
+    if method == "qat-lora":
+        return convert_qat(merge_lora(model), scheme)
+    if method == "lora-ptq":
+        return quantize_weights(merge_lora(model), scheme)
+    raise UserError(f"deploy: unknown method {method!r}; use qat-lora, lora-ptq or qlora")
+
+
+def rebuild_recorded(model: nn.Module, method: str, scheme_name: str | None,
+                     adapter: str | os.PathLike) -> nn.Module:
+    """The model whose metrics a LoRA-family run recorded, rebuilt from its freshly loaded float
+    base `model` and its saved adapter directory, in place (returns `model`):
+
+        lora, lora-head   W + s B A         float base, adapter unmerged;
+        qlora             Q(W) + s B A      base quantized with the run's scheme exactly as in
+                                            training (`prepare_method`), then the adapter;
+        qat-lora          Q(W + s B A)      QAT prepare, adapter, merge, convert (`deploy`);
+        lora-ptq          Q(W + s B A)      adapter on the float base, merge, quantize.
+
+    Quantization is deterministic, so this repeats `train`'s and `deploy`'s operations on the
+    same tensors and re-evaluation reproduces the recorded metrics. `scheme_name` is needed for
+    the three quantized methods only (a run's config `quant`)."""
+    from loralab.adapter import load_adapter
+
+    if method not in QUANT_METHODS:
+        return load_adapter(model, adapter)
+    if not scheme_name:
+        raise UserError(f"this {method} run records no quantization scheme (config 'quant'), "
+                        "so its quantized model cannot be rebuilt; re-run it")
+    prepare_method(model, method, scheme_name)
+    load_adapter(model, adapter)
+    if method == "qlora":
+        return model
+    return merge_and_quantize(model, method, scheme_name)
+
+
+@torch.no_grad()
+def dequantized_merge(model: nn.Module) -> nn.Module:
+    """A plain float model computing what a (partly) quantized adapter model computes: every
+    quantized weight W_q becomes deq(W_q), then every adapter is folded in, W' = deq(W_q) + s B A
+    (in place; returns the model). Exact up to fp32 rounding of the sum, except for schemes that
+    also quantize activations (int8-dyn, int4): that quantization lives in the forward of the
+    quantized tensor, not in its values, and the float model computes activations in float."""
+    from loralab.lora import merge_lora
+
+    for module in model.modules():  # own parameters only (a LoRA layer shows its base's)
+        weight = dict(module.named_parameters(recurse=False)).get("weight")
+        if weight is not None and is_quantized_tensor(weight):
+            module.weight = nn.Parameter(dequantize(weight).detach().clone(),
+                                         requires_grad=False)
+    return merge_lora(model)
+
+
+@torch.no_grad()
+def restore_conv1d(model: nn.Module) -> int:
+    """Undo `conv1d_to_linear` (in place): every `nn.Linear` that is a transformers `Conv1D` in
+    the model's architecture (found on a weightless meta-device copy built from its config)
+    becomes that Conv1D again (weight W^T), so `save_pretrained` writes weights that
+    `from_pretrained` reads with the right orientation. Returns how many layers were restored."""
+    from transformers.pytorch_utils import Conv1D
+
+    from loralab.lora import _set_submodule
+
+    from_config = getattr(type(model), "_from_config", None)
+    if from_config is None:  # not a transformers model: no Conv1D architecture to return to
+        return 0
+    with torch.device("meta"):
+        skeleton = from_config(model.config)
+    names = [n for n, m in skeleton.named_modules() if isinstance(m, Conv1D)]
+    del skeleton
+    n = 0
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            continue
+        layer = Conv1D(module.out_features, module.in_features)
+        layer.to(device=module.weight.device, dtype=module.weight.dtype)
+        layer.weight.copy_(module.weight.T)
+        if module.bias is not None:
+            layer.bias.copy_(module.bias)
+        else:
+            layer.bias = None
+        _set_submodule(model, name, layer)
+        n += 1
+    return n
+
+
+MERGED_EXPORT = {
+    "qlora": "dequant(Q(W)) + s B A in float: the function the run trained and evaluated "
+             "(quantized base + adapter), with the base's quantization error baked in (not the "
+             "original W + s B A); the re-quantized merge Q(dequant(Q(W)) + s B A) and its "
+             "merge drift are in quantized/model.pt and record.json 'quant'",
+    "qat-lora": "dequant(Q(W + s B A)) in float: the weights of the deployed quantized model "
+                "whose metrics the run recorded (quantized/model.pt keeps them packed)",
+    "lora-ptq": "dequant(Q(W + s B A)) in float: the weights of the deployed quantized model "
+                "whose metrics the run recorded (quantized/model.pt keeps them packed)",
+}
+"""What `loralab merge --run` writes for each quantized method (shown to the user)."""
+
+
+def float_export(model: nn.Module, method: str, scheme_name: str) -> tuple[nn.Module, str]:
+    """(plain float transformers model, note for the user) of a run's rebuilt quantized model
+    (`rebuild_recorded`): `dequantized_merge`, then GPT-2's Conv1D layers restored. Merging
+    into the quantized base (re-quantizing W + s B A) would change the model (merge drift); the
+    float export keeps exactly the recorded weights, at fp32 size."""
+    scheme = get_scheme(scheme_name)
+    model = dequantized_merge(model)
+    restore_conv1d(model)
+    note = f"{method} run: merged model = {MERGED_EXPORT[method]}"
+    if scheme.activations:
+        note += (f"; scheme {scheme.name} also quantized activations (int8 per token) in the "
+                 "recorded model, the exported float model does not")
+    return model, note
 
 
 # --------------------------------------------------------------------------------------------
@@ -864,5 +982,6 @@ __all__ = [
     "merge_into_quantized", "conv1d_to_linear", "logical_numel", "count_parameters", "tensor_bytes", "weight_bytes",
     "save_model", "disk_bytes", "collect_logits", "drift", "logit_drift", "metric_drift", "latency", "Deployment", "deploy",
     "compare_quantization", "format_comparison", "QUANT_METHODS", "prepare_method",
-    "finish_run", "training_step_memory", "keep_packed_in_backward",
+    "finish_run", "training_step_memory", "keep_packed_in_backward", "merge_and_quantize",
+    "rebuild_recorded", "dequantized_merge", "restore_conv1d", "float_export",
 ]

@@ -686,7 +686,8 @@ def csv_rows(data: StudyData) -> tuple[list[str], list[dict[str, Any]]]:
         for k in _flatten(r.get("quant")):
             if k not in quant_keys:
                 quant_keys.append(k)
-    header = (["study", "strategy", "method", "seed", "status", "run_id"] + metric_cols
+    header = (["study", "strategy", "method", "seed", "status", "run_id", "precision"]
+              + metric_cols
               + [f"cost/{k}" for k in cost_keys] + [f"quant/{k}" for k in quant_keys]
               + ["run_dir", "adapter", "model", "error"])
     out = []
@@ -694,6 +695,9 @@ def csv_rows(data: StudyData) -> tuple[list[str], list[dict[str, Any]]]:
         cfg = (r.get("config") or {}).get("study") or {}
         row = {"study": r["study"], "strategy": r["strategy"], "method": cfg.get("method", ""),
                "seed": r["seed"], "status": r["status"], "run_id": r["run_id"],
+               # what the run computed in (auto resolved); runs from before auto: their config's
+               "precision": (r.get("env") or {}).get("precision")
+               or ((r.get("config") or {}).get("train") or {}).get("precision") or "",
                "run_dir": r.get("run_dir") or "", "error": r.get("error") or ""}
         for e, ms in (r.get("metrics") or {}).items():
             for m, v in (ms or {}).items() if isinstance(ms, dict) else ():

@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from loralab.data import subsample
 from loralab.errors import UserError
 
 METHODS = ("none", "full", "head", "lora", "lora-head", "qat-lora", "qlora", "lora-ptq")
@@ -59,6 +60,7 @@ BUDGET_FIELDS = ("epochs", "max_steps", "batch_size", "grad_accum", "seq_len", "
 _INT_BUDGET = ("max_steps", "batch_size", "grad_accum", "seq_len", "warmup_steps", "eval_every",
                "eval_batches", "eval_max_examples")
 _STR_BUDGET = ("schedule", "precision")
+PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGY_FIELDS = ("name", "method", "preset", "targets", "rank", "alpha", "dropout", "lr",
                    "rslora", "head_epochs", "epochs", "max_steps", "options")
 PUBLISHED_FIELDS = ("source", "note", "rows")
@@ -329,6 +331,9 @@ def parse_study(text: str, source: str = "<study>") -> Study:
         if key in _STR_BUDGET:
             if budget_raw.get(key) is not None:
                 budget[key] = str(budget_raw[key])
+            if key == "precision" and budget.get(key, "auto") not in PRECISIONS:
+                ck.fail(budget_raw, key, f"unknown precision {budget[key]!r} in budget; use "
+                        f"{', '.join(PRECISIONS)}")
             continue
         kind = int if key in _INT_BUDGET else float
         minimum, excl = (0, True) if key in ("epochs", "max_steps", "batch_size", "grad_accum",
@@ -480,16 +485,40 @@ def run_config(study: Study, strategy: Strategy, seed: int, run_dir: Path) -> di
     return config
 
 
-def run_matrix(study: Study, out_dir: Path) -> list[RunSpec]:
-    """All runs of the study, seed-major so a partial study already covers every strategy."""
+def run_matrix(study: Study, out_dir: Path, *, native_bf16: bool | None = None
+               ) -> list[RunSpec]:
+    """All runs of the study, seed-major so a partial study already covers every strategy.
+    Precision auto is resolved for this machine (`pin_precision`)."""
     specs = []
     for seed in study.seeds:
         for strategy in study.strategies:
             run_dir = Path(out_dir) / "runs" / f"{strategy.name}-seed{seed}"
+            config = pin_precision(run_config(study, strategy, seed, run_dir), native_bf16)
             specs.append(RunSpec(run_id=f"{study.name}/{strategy.name}/seed{seed}",
                                  strategy=strategy.name, seed=seed, run_dir=run_dir,
-                                 config=run_config(study, strategy, seed, run_dir)))
+                                 config=config))
     return specs
+
+
+def pin_precision(config: dict[str, Any], native_bf16: bool | None = None) -> dict[str, Any]:
+    """A run config with precision auto (the default) replaced by what it computes in on the
+    device `train` picks (`train.resolve_precision`; `native_bf16` overrides the machine's
+    answer), so the config hash, which decides whether a finished run is reused, names the
+    computation: a bf16 run on an AMX machine is not the fp32 run of an AVX2 one. fp32 stays
+    implicit where the study names no precision: that is what such a config meant before auto
+    existed, so existing studies keep their hashes (and finished runs) where bf16 is not
+    native, and train again, in bf16, only where it is."""
+    if config.get("precision", "auto") != "auto":
+        return config
+    import torch
+
+    from loralab.train import resolve_precision
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = resolve_precision("auto", device, native_bf16=native_bf16)
+    if resolved == "fp32" and "precision" not in config:
+        return config
+    return {**config, "precision": resolved}
 
 
 def study_summary(study: Study) -> dict[str, Any]:
@@ -580,16 +609,6 @@ def to_train_config(config: dict[str, Any]):
     return make_config({k: v for k, v in config.items() if k not in _STUDY_ONLY})
 
 
-def _subsample(dataset, n: int | None):
-    """The same n examples for every strategy and seed: a fixed (seed 0) permutation."""
-    if n is None or n >= len(dataset):
-        return dataset
-    import random
-
-    idx = sorted(random.Random(0).sample(range(len(dataset)), n))
-    return dataset.select(idx)
-
-
 def build_task_data(config: dict[str, Any], tokenizer):
     """The run's data with the study's evaluation sets as extra splits.
 
@@ -608,7 +627,7 @@ def build_task_data(config: dict[str, Any], tokenizer):
     default_n = config.get("eval_max_examples")
     splits = {"train": base.splits["train"]} if "train" in base.splits else {}
     if "validation" in base.splits:
-        splits["validation"] = _subsample(base.splits["validation"], default_n)
+        splits["validation"] = subsample(base.splits["validation"], default_n)
     for ev in config.get("eval_sets", []):
         n = ev.get("max_examples") or default_n
         if ev["data"] == config["data"] and not ev.get("options"):
@@ -626,7 +645,7 @@ def build_task_data(config: dict[str, Any], tokenizer):
                                 f"'{split}' split (splits: {', '.join(source.splits)}); set "
                                 "'split' in the study")
             split = fallback
-        splits[ev["name"]] = _subsample(source.splits[split], n)
+        splits[ev["name"]] = subsample(source.splits[split], n)
     return dataclasses.replace(base, splits=splits)
 
 
@@ -657,9 +676,10 @@ def default_run_fn(config: dict[str, Any], resume: bool) -> dict[str, Any]:
             _write_json(Path(tc.out) / "record.json", record)
     gens = [e for e in config.get("eval_sets", []) if e.get("generate") is not None]
     if gens and record.get("status") == "finished":
-        # train() returns a finished record without training: use the saved weights instead
+        # train() returns a finished record without training: use the saved weights instead;
+        # quantized methods record another model than the one trained (load_run_model)
         model, tokenizer = loaded.model, loaded.tokenizer
-        if finished_before:
+        if finished_before or tc.method in ("qat-lora", "qlora", "lora-ptq"):
             model, tokenizer, _ = load_run_model(tc.out)
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -882,9 +902,16 @@ def _resolve_artifact(run_dir: Path, path: str | None) -> Path | None:
     return None
 
 
+def _run_scheme(record: dict[str, Any], cfg: dict[str, Any]) -> str | None:
+    """A run's quantization scheme: its config's `quant`, else its record's quant section."""
+    return cfg.get("quant") or (record.get("quant") or {}).get("scheme")
+
+
 def load_run_model(run_dir: str | os.PathLike):
-    """(model, tokenizer, record) of a run: its saved model, or the base model with its adapter.
-    """
+    """(model, tokenizer, record) of a run: exactly the model whose metrics the run recorded.
+    Its saved model (full), the base with its head (head) or the base with its adapter, rebuilt
+    per method by `quant.rebuild_recorded`: W + s B A (lora, lora-head), Q(W) + s B A (qlora),
+    the merged quantized Q(W + s B A) (qat-lora, lora-ptq)."""
     from loralab.models import load_model
 
     run_dir = Path(run_dir)
@@ -902,32 +929,40 @@ def load_run_model(run_dir: str | os.PathLike):
     else:
         loaded = load_model(str(cfg["model"]), task, **kwargs)
         head = _resolve_artifact(run_dir, arts.get("head"))
-        if adapter is not None:
-            from loralab.adapter import load_adapter
+        if adapter is not None:  # the model the run recorded: W + s B A, Q(W) + s B A, ...
+            from loralab.quant import rebuild_recorded
 
-            load_adapter(loaded.model, adapter)
-        elif head is not None:  # head-only runs save the head's tensors
-            from safetensors.torch import load_file
+            rebuild_recorded(loaded.model, str(cfg.get("method") or "lora"),
+                             _run_scheme(record, cfg), adapter)
+        elif head is not None:  # head-only runs save every head module's tensors
+            from loralab.models import load_head_file
 
-            from loralab.models import task_head
-
-            task_head(loaded.model).load_state_dict(load_file(str(head / "head.safetensors")))
+            load_head_file(loaded.model, head / "head.safetensors")
         elif cfg.get("method") not in (None, "none"):
             raise UserError(f"run {run_dir} saved neither a model nor an adapter; re-run it")
     loaded.model.eval()
     return loaded.model, loaded.tokenizer, record
 
 
-def merge_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+def merge_run(run_dir: str | os.PathLike, out: str | os.PathLike, *,
+              note: Callable[[str], None] | None = None) -> Path:
     """Write the run's model with its adapters folded in (W + (alpha/r) B A) as a plain
-    transformers model (save_pretrained + tokenizer), ready for serving without loralab."""
+    transformers model (save_pretrained + tokenizer), ready for serving without loralab.
+    Quantized runs (qlora, qat-lora, lora-ptq) write the float form of the model they recorded
+    (`quant.float_export`: dequant(Q(W)) + s B A, or dequant(Q(W + s B A))), told via `note`."""
     from loralab.lora import has_lora, merge_lora
+    from loralab.quant import QUANT_METHODS, float_export
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; pass a new --out directory")
-    model, tokenizer, _ = load_run_model(run_dir)
-    if has_lora(model):
+    model, tokenizer, record = load_run_model(run_dir)
+    cfg = {**(record.get("config") or {}), **record["study_config"]}
+    if cfg.get("method") in QUANT_METHODS:
+        model, message = float_export(model, str(cfg["method"]), str(_run_scheme(record, cfg)))
+        if note is not None:
+            note(message)
+    elif has_lora(model):
         model = merge_lora(model)
     tmp = out.with_name(out.name + ".tmp-merge")
     if tmp.exists():

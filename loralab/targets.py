@@ -7,7 +7,7 @@ later studies:
     attn            Wq, Wk, Wv                               (LoRA-1)
     attn-proj       + the attention output projection Wo     (LoRA-2)
     attn-proj-ffn   + the feed-forward projections           (LoRA-3)
-    all             + the output head or classifier          (LoRA-4)
+    all             + every layer of the task head           (LoRA-4)
 
 GPT-2 computes q, k and v with one fused Conv1D (`c_attn`, output = [q | k | v]). Adapting "Wq
 and Wv" there means adapting two column blocks of one matrix: a `Target` carries the output
@@ -73,7 +73,6 @@ _PRESET_PARTS = {
     "attn-proj-ffn": ("attn", "proj", "ffn"),
     "all": ("attn", "proj", "ffn"),
 }
-_HEAD_NAMES = ("lm_head", "classifier", "score", "pre_classifier")
 
 
 @dataclass(frozen=True)
@@ -120,22 +119,20 @@ def adaptable_names(model: nn.Module) -> list[str]:
 
 
 def head_module_names(model: nn.Module) -> list[str]:
-    """The output head or classifier: the module(s) producing logits.
+    """The adaptable layers of the task head (`loralab.models.task_head_modules`): every Linear /
+    Conv1D inside it, or the LoRA layer wrapping one (named without its `.base`). DistilBERT:
+    `pre_classifier`, `classifier`; RoBERTa: `classifier.dense`, `classifier.out_proj`; causal
+    LMs: `lm_head`. The `all` preset adapts these; quantization leaves them in float."""
+    from loralab.models import task_head_modules
 
-    For causal LMs that is `get_output_embeddings()`; for classifiers the conventional
-    `classifier` / `score` attributes (DistilBERT also has `pre_classifier` before it).
-    """
-    modules = dict(model.named_modules())
-    ids = {id(m): n for n, m in modules.items()}
-    names = []
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    if out is not None and id(out) in ids:
-        names.append(ids[id(out)])
-    for name, module in modules.items():
-        adaptable = is_adaptable(module) or is_adaptable(getattr(module, "base", None))
-        if name.split(".")[-1] in _HEAD_NAMES and adaptable and name not in names:
-            names.append(name)
+    names: list[str] = []
+    for head_name, head in task_head_modules(model).items():
+        for sub, module in head.named_modules():
+            name = f"{head_name}.{sub}" if sub else head_name
+            if any(name.startswith(n + ".") for n in names):
+                continue  # the base layer inside a LoRA layer already listed
+            if is_adaptable(module) or is_adaptable(getattr(module, "base", None)):
+                names.append(name)
     return names
 
 
@@ -182,8 +179,8 @@ def _preset_targets(model: nn.Module, preset: str) -> list[Target]:
                 targets.append(Target(name, slices))
                 break
     if preset == "all":
-        heads = set(head_module_names(model))
-        targets += [Target(n) for n in modules if n in heads]
+        heads, taken = set(head_module_names(model)), {t.name for t in targets}
+        targets += [Target(n) for n in modules if n in heads and n not in taken]
     if not targets:
         raise _no_match_error(model, f"preset '{preset}'")
     return targets

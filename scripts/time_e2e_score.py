@@ -23,6 +23,9 @@ DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "tes
 
 
 def main() -> None:
+    from loralab.measure import describe_device
+
+    print(describe_device("cpu"), flush=True)  # the timing depends on the CPU it ran on
     src = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT
     groups: dict[str, list[str]] = {}
     with src.open(encoding="utf-8") as fh:

@@ -258,6 +258,20 @@ def test_local_jsonl_generation_and_txt_lm(tmp_path, gpt2):
     assert all(len(lm.splits[s]) > 0 for s in ("train", "validation", "test"))
 
 
+def test_token_counts_count_predicted_tokens():
+    # an lm block's first token is context only (labels shift by one), as train.target_count
+    # counts it; prompt-masked rows already start with -100, so they are unchanged
+    import datasets
+
+    rows = {"input_ids": [[1, 2, 3, 4]] * 3, "attention_mask": [[1] * 4] * 3}
+    lm = TaskData("x", "lm", {"test": datasets.Dataset.from_dict(
+        {**rows, "labels": rows["input_ids"]})}, collate_fn=None, seq_len=4)
+    assert lm.token_counts("test") == (12, 9)
+    gen = TaskData("x", "generate", {"test": datasets.Dataset.from_dict(
+        {**rows, "labels": [[-100, -100, 3, 4]] * 3})}, collate_fn=None, seq_len=4)
+    assert gen.token_counts("test") == (12, 6)
+
+
 def test_local_parquet(tmp_path, minilm):
     import datasets
 

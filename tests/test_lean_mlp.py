@@ -205,15 +205,18 @@ def test_gpt2_adapted_mlp_uses_fused_gelu_in_training_and_gelu_new_without_grad(
     y, lean_bytes = _saved_bytes(lambda: lean(x), lean)
     h_bytes = 4 * 16 * 128 * 4
     assert plain_bytes - lean_bytes == 3 * h_bytes               # h kept, three fewer
-    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)  # |y| < 0.5: 6e-8 measured
     grad = torch.randn_like(y)
     y_ref.backward(grad)
     y.backward(grad)
     ref_grads = [p.grad for p in lora_parameters(plain)]
     lean_grads = [p.grad for p in lora_parameters(lean)]
     assert len(lean_grads) == 4 and all(g is not None for g in lean_grads)
+    # adapter gradients (|g| up to ~6) sum 64 tokens x 128 features of products that the fused
+    # GELU rounds differently: 1.9e-6 apart at most (measured, also with other GEMM kernels),
+    # which an atol of 1e-6 let through only by an element's rtol share; 2e-5 is 10x that
     for a, b in zip(lean_grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
     with torch.no_grad():
         assert torch.equal(lean(x), plain(x))
 

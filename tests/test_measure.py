@@ -1,5 +1,5 @@
-"""Cost measurement: parameter counts, FLOPs against torch's FLOP counter, memory trackers,
-the cached matmul peak."""
+"""Cost measurement: parameter counts, FLOPs against torch's FLOP counter, memory trackers
+(the matmul peak and MFU: test_peak.py)."""
 
 from __future__ import annotations
 
@@ -102,25 +102,9 @@ def test_memory_estimate_adamw_state_is_8_bytes_per_trainable_param():
                                                  "activations"))
 
 
-def test_matmul_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path))
-    calls = []
-    monkeypatch.setattr(measure, "benchmark_matmul",
-                        lambda dtype, device: calls.append(dtype) or 1.5e11)
-    assert measure.matmul_peak(torch.float32) == 1.5e11
-    assert measure.matmul_peak(torch.float32) == 1.5e11
-    assert measure.matmul_peak(torch.bfloat16) == 1.5e11
-    assert calls == [torch.float32, torch.bfloat16]
-    assert (tmp_path / "matmul_peak.json").exists()
-
-
-def test_benchmark_matmul_is_plausible():
-    flops = measure.benchmark_matmul(torch.float32, n=256, iters=2)
-    assert 1e8 < flops < 1e14
-
-
 def test_native_bf16_follows_the_cpu_flags():
-    """The CPU answer agrees with the kernel's own flag list (AVX512-BF16 or AMX tiles)."""
+    """The CPU answer agrees with the kernel's own flag list (AVX512-BF16 or AMX-BF16), read
+    here independently, and with torch's CPUID check (a peer that reads the hardware)."""
     from pathlib import Path
 
     info = Path("/proc/cpuinfo")
@@ -130,10 +114,77 @@ def test_native_bf16_follows_the_cpu_flags():
     for line in info.read_text().splitlines():
         if line.startswith("flags"):
             flags |= set(line.split(":", 1)[1].split())
-    assert measure.native_bf16("cpu") == bool({"avx512_bf16", "amx_tile"} & flags)
+    assert measure.native_bf16("cpu") == bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert measure.native_bf16("cpu") == bool(torch.cpu._is_avx512_bf16_supported()
+                                              or torch.cpu._is_amx_tile_supported())
     assert measure.native_bf16(torch.device("cpu")) == measure.native_bf16("cpu")
     if not torch.cuda.is_available():
         assert measure.native_bf16("cuda") is False
+
+
+# /proc/cpuinfo of the two CPUs this project runs on (flags lines shortened; the first block of
+# the AMD one is followed by a second processor, which must not be read)
+AMD_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mmx fxsr sse sse2 ht syscall nx mmxext \
+fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl nonstop_tsc cpuid extd_apicid tsc_known_freq \
+pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand \
+hypervisor lahf_lm cmp_legacy cr8_legacy abm sse4a misalignsse 3dnowprefetch osvw topoext \
+fsgsbase bmi1 avx2 smep bmi2 erms invpcid rdseed adx smap clflushopt clwb sha_ni xsaveopt \
+xsavec xgetbv1 clzero xsaveerptr arat npt nrip_save umip vaes vpclmulqdq rdpid fsrm
+bugs\t\t: sysret_ss_attrs null_seg spectre_v1 spectre_v2
+
+processor\t: 1
+model name\t: Some Other CPU
+flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile
+"""
+INTEL_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx \
+fxsr sse sse2 ss ht syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology nonstop_tsc \
+cpuid tsc_known_freq pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt aes \
+xsave avx f16c rdrand hypervisor lahf_lm abm 3dnowprefetch ssbd ibrs ibpb stibp fsgsbase bmi1 \
+hle avx2 smep bmi2 erms invpcid rtm avx512f avx512dq rdseed adx smap avx512ifma clflushopt clwb \
+avx512cd sha_ni avx512bw avx512vl xsaveopt xsavec xgetbv1 xsaves avx_vnni avx512_bf16 arat \
+avx512vbmi umip pku ospke waitpkg avx512_vbmi2 gfni vaes vpclmulqdq avx512_vnni avx512_bitalg \
+avx512_vpopcntdq la57 rdpid cldemote movdiri movdir64b fsrm md_clear serialize tsxldtrk \
+amx_bf16 avx512_fp16 amx_tile amx_int8 arch_capabilities
+"""
+
+
+def test_cpu_info_parses_amd_avx2_and_intel_amx_cpuinfo():
+    amd = measure.parse_cpuinfo(AMD_CPUINFO)
+    assert amd == measure.CPUInfo(model="AMD EPYC 7B13", flags=("avx2", "fma"))
+    assert amd.native_bf16 is False
+    assert amd.to_dict() == {"model": "AMD EPYC 7B13", "flags": ["avx2", "fma"],
+                             "native_bf16": False}
+    assert amd.line() == "AMD EPYC 7B13 (avx2 fma; bf16 emulated: no avx512_bf16/amx_bf16)"
+    intel = measure.parse_cpuinfo(INTEL_CPUINFO)
+    assert intel.model == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+    assert intel.flags == measure.CPU_FLAGS  # every flag that matters, in CPU_FLAGS order
+    assert intel.native_bf16 is True and intel.line().endswith("; bf16 native)")
+    # native_bf16 decides from the given CPU's flags, without asking the hardware
+    assert measure.native_bf16("cpu", cpu=intel) is True
+    assert measure.native_bf16("cpu", cpu=amd) is False
+    # an ARM machine lists "Features", not "flags": unknown, and torch's own check decides
+    arm = measure.parse_cpuinfo("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16\n")
+    assert arm.flags is None and arm.native_bf16 is None and "flags unknown" in arm.line()
+    assert measure.native_bf16("cpu", cpu=arm) == bool(torch.cpu._is_avx512_bf16_supported()
+                                                       or torch.cpu._is_amx_tile_supported())
+
+
+def test_cpu_info_reads_this_machine_and_falls_back_without_proc(tmp_path):
+    missing = measure.cpu_info(tmp_path / "no-cpuinfo")
+    assert missing.flags is None and missing.model
+    (tmp_path / "cpuinfo").write_text(AMD_CPUINFO)
+    assert measure.cpu_info(tmp_path / "cpuinfo") == measure.parse_cpuinfo(AMD_CPUINFO)
+    line = measure.describe_device("cpu", cpu=measure.parse_cpuinfo(INTEL_CPUINFO))
+    assert line == (f"cpu: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (avx2 fma avx512f "
+                    f"avx512_bf16 amx_tile amx_bf16; bf16 native), {torch.get_num_threads()} "
+                    "threads")
 
 
 def test_path_bytes_and_environment(tmp_path):
@@ -143,4 +194,5 @@ def test_path_bytes_and_environment(tmp_path):
     assert measure.path_bytes(tmp_path) == 15 and measure.path_bytes(tmp_path / "a") == 10
     env = measure.environment("cpu")
     assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    assert env["cpu"] == measure.cpu_info().to_dict()  # model, flags that matter, native bf16
     assert env["git_revision"] is None or len(env["git_revision"]) >= 40

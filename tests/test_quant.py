@@ -334,3 +334,97 @@ def test_gpt2_conv1d_body_is_converted_and_then_trains_with_qat():
     _randomise_adapters(model)
     model(**batch).logits.pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(model))
+
+
+# --- loading a run: the recorded model, rebuilt (load_run_model) and exported (merge --run) ---
+
+def _trained_like(method: str, scheme: str, tmp_path) -> tuple[nn.Module, str]:
+    """A tiny LLaMA prepared for `method` as train() does, with random adapters on every
+    projection and the (tied) head, saved as the run's adapter."""
+    from loralab.adapter import save_adapter
+
+    model = tiny_llama()
+    quant.prepare_method(model, method, scheme)
+    apply_lora(model, LoRAConfig(rank=4, targets="all"))
+    _randomise_adapters(model)
+    return model, str(save_adapter(model, tmp_path / "adapter"))
+
+
+@pytest.mark.parametrize("method,scheme", [("qat-lora", "int8-dyn"), ("qat-lora", "int4"),
+                                           ("lora-ptq", "int4-weight"), ("lora-ptq", "nf4")])
+def test_rebuild_recorded_is_the_deployed_model_finish_run_evaluates(tmp_path, method, scheme):
+    model, adapter = _trained_like(method, scheme, tmp_path)
+    model.eval()
+    dep = quant.deploy(model, method, scheme, lambda m: {}, [], latency_repeats=0)
+    rebuilt = quant.rebuild_recorded(tiny_llama(), method, scheme, adapter).eval()
+    assert not lora_modules(rebuilt)
+    deployed = dict(quant.body_linears(dep.model))
+    layers = quant.body_linears(rebuilt)
+    assert layers and all(quant.is_quantized_tensor(m.weight) for _, m in layers)
+    for name, layer in layers:  # the same quantized weights Q(W + s B A), bit for bit
+        torch.testing.assert_close(quant.dequantize(layer.weight),
+                                   quant.dequantize(deployed[name].weight), rtol=0, atol=0)
+    with torch.no_grad():  # same weights, same kernels: identical logits
+        torch.testing.assert_close(rebuilt(**_ids()).logits, dep.model(**_ids()).logits,
+                                   rtol=0, atol=0)
+
+
+def test_rebuild_recorded_qlora_puts_the_adapter_on_the_quantized_base(tmp_path):
+    model, adapter = _trained_like("qlora", "nf4", tmp_path)
+    rebuilt = quant.rebuild_recorded(tiny_llama(), "qlora", "nf4", adapter).eval()
+    body = [n for n, m in lora_modules(rebuilt) if quant.is_quantized_tensor(m.base.weight)]
+    # every adapted projection (7 per layer x 2) sits on NF4 weights; the tied head stays float
+    assert len(body) == len(lora_modules(rebuilt)) - 1 == 14 and "lm_head" not in body
+    with torch.no_grad():  # Q(W) + s B A, as trained: identical logits
+        torch.testing.assert_close(rebuilt(**_ids()).logits, model.eval()(**_ids()).logits,
+                                   rtol=0, atol=0)
+    with pytest.raises(UserError, match="re-run"):
+        quant.rebuild_recorded(tiny_llama(), "qlora", None, adapter)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_dequantized_merge_is_a_float_model_computing_the_quantized_adapter_model(scheme):
+    torch.manual_seed(0)
+    model = quant.quantize_weights(tiny_llama(), scheme)
+    apply_lora(model, LoRAConfig(rank=4, targets="all"))
+    _randomise_adapters(model)
+    with torch.no_grad():
+        ref = model(**_ids()).logits  # Q(W) x + s B A x
+        layer = lora_modules(model)[0][1]
+        by_hand = quant.dequantize(layer.base.weight) + layer.delta_weight()
+        merged = quant.dequantized_merge(model)
+        assert not lora_modules(merged)
+        assert not any(quant.is_quantized_tensor(p) for p in merged.parameters())
+        torch.testing.assert_close(merged.get_submodule(lora_modules_name(layer, merged)).weight,
+                                   by_hand, rtol=0, atol=0)
+        # x (deq(Q(W)) + s B A)^T vs x deq(Q(W))^T + (x A^T) B^T s: the same function, fp32
+        # rounding of differently ordered sums only (logits ~1, eps 1.2e-7, few layers)
+        torch.testing.assert_close(merged(**_ids()).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def lora_modules_name(layer: nn.Module, merged: nn.Module) -> str:
+    """The module name of the (former) base of LoRA layer `layer` in the merged model."""
+    return next(n for n, m in merged.named_modules() if m is layer.base)
+
+
+def test_float_export_of_a_gpt2_qlora_model_loads_back_with_from_pretrained(tmp_path):
+    from conftest import tiny_gpt2
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    quant.prepare_method(model, "qlora", "int8")  # Conv1D -> Linear, then int8 weights
+    apply_lora(model, LoRAConfig(rank=2, targets="qv"))
+    _randomise_adapters(model)
+    with torch.no_grad():
+        ref = model.eval()(**_ids()).logits
+    exported, note = quant.float_export(model, "qlora", "int8")
+    assert "dequant(Q(W)) + s B A" in note
+    assert sum(isinstance(m, Conv1D) for m in exported.modules()) == 8
+    exported.save_pretrained(tmp_path / "merged")
+    back = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():  # fp32 rounding of the merged sums only, as above
+        torch.testing.assert_close(back(**_ids()).logits, ref, rtol=1e-5, atol=1e-5)
+    _, note = quant.float_export(tiny_llama(), "qat-lora", "int8-dyn")
+    assert "activations" in note

@@ -349,3 +349,20 @@ def test_primary_metric_follows_the_task():
     lm = report.StudyData("l", {"task": "lm"}, [], [], ["e2e"], metrics)
     assert report._primary_metric(gen, "e2e") == "BLEU"
     assert report._primary_metric(lm, "e2e") == "perplexity"
+
+
+def test_csv_precision_column_is_what_each_run_computed_in():
+    """env.precision (auto resolved) where the run recorded it; the train config's precision
+    for runs from before auto; empty when neither says."""
+    def row(run_id: str, env: dict, train: dict | None) -> dict:
+        return {"study": "s", "strategy": "lora", "seed": 0, "status": "finished",
+                "run_id": run_id, "config": {"study": {"method": "lora"}, "train": train},
+                "env": env, "metrics": {}, "costs": {}}
+
+    rows = [row("auto", {"precision": "bf16"}, {"precision": "auto"}),
+            row("old", {}, {"precision": "fp32"}), row("none", {}, None)]
+    data = report.StudyData(name="s", config={}, rows=rows, strategies=[], eval_sets=[],
+                            metrics={})
+    header, out = report.csv_rows(data)
+    assert header[:7] == ["study", "strategy", "method", "seed", "status", "run_id", "precision"]
+    assert [r["precision"] for r in out] == ["bf16", "fp32", ""]

@@ -381,3 +381,161 @@ def test_run_fn_seeds_before_loading_the_model(monkeypatch, tmp_path):
     torch.rand(100)  # an earlier run used the global RNG
     st.default_run_fn(config, False)
     assert torch.equal(drawn[0], drawn[1])
+
+
+def test_auto_precision_keeps_study_hashes_where_bf16_is_emulated_and_pins_bf16_where_native():
+    """A study that names no precision runs at auto. Without native bf16 (this AVX2 machine)
+    auto is fp32, which is what such a config meant before auto existed: the run configs, and
+    so their hashes and finished runs, stay exactly as they were. With native bf16 the runs
+    compute in bf16, a different computation: `precision: bf16` enters the config and the hash.
+    An explicit precision is kept as written."""
+    study = st.load_study(st.resolve_study_path("default"))
+    strategies = {s.name: s for s in study.strategies}
+    out = Path("/tmp/x")
+    emulated = st.run_matrix(study, out, native_bf16=False)
+    native = st.run_matrix(study, out, native_bf16=True)
+    for spec, pinned in zip(emulated, native, strict=True):
+        before = st.run_config(study, strategies[spec.strategy], spec.seed, spec.run_dir)
+        assert "precision" not in before and spec.config == before
+        assert spec.config_hash == st.config_hash(before)
+        assert pinned.config == {**before, "precision": "bf16"}
+        assert pinned.config_hash != spec.config_hash
+    for written, expected in (("fp32", ("fp32", "fp32")), ("bf16", ("bf16", "bf16")),
+                              ("auto", ("fp32", "bf16"))):
+        s = st.parse_study(BASE.replace("lr: 1.0e-3}", f"lr: 1.0e-3, precision: {written}}}"))
+        got = tuple({sp.config["precision"] for sp in st.run_matrix(s, out, native_bf16=n)}
+                    for n in (False, True))
+        assert got == ({expected[0]}, {expected[1]})
+
+
+def test_study_precision_must_be_auto_fp32_or_bf16():
+    with pytest.raises(UserError, match=r"<study>:6: unknown precision 'fp16' in budget; use "
+                                        "auto, fp32, bf16"):
+        st.parse_study(BASE.replace("lr: 1.0e-3}", "lr: 1.0e-3, precision: fp16}"))
+
+
+# ----------------------------------------------------------------------------- reloading a run
+# `load_run_model` (`loralab eval/generate/merge --run`) must rebuild exactly the model whose
+# metrics the run recorded, for every method (issue 19): W + s B A for lora, Q(W) + s B A for
+# qlora, the merged quantized Q(W + s B A) for qat-lora and lora-ptq, ...
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_run_inputs(tmp_path_factory):
+    """A tiny random LLaMA (tied head) with the bundled GPT-2 tokenizer, saved as a model
+    directory, and a small .txt corpus (split 90/5/5 by loralab.data): the case script's setup."""
+    import random
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from loralab import bundled
+
+    try:
+        tok_dir = bundled.gpt2_tokenizer_dir(build=False)
+    except UserError as exc:
+        pytest.skip(f"bundled GPT-2 tokenizer not prepared: {exc}")
+    work = tmp_path_factory.mktemp("tiny-lm")
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, tie_word_embeddings=True)
+                     ).save_pretrained(work / "llama")
+    tok.save_pretrained(work / "llama")
+    rng = random.Random(2)
+    words = ["the", "river", "city", "centre", "runs", "past", "near", "old", "bridge", "town",
+             "market", "boats", "birds", "water"]
+    (work / "text.txt").write_text("\n\n".join(
+        " ".join(rng.choice(words) for _ in range(40)) + "." for _ in range(160)))
+    return work
+
+
+def _train_tiny(inputs: Path, out: Path, method: str, quant: str | None = None, **kw) -> dict:
+    from loralab.train import make_config, train
+
+    values = {"model": str(inputs / "llama"), "task": "lm", "data": str(inputs / "text.txt"),
+              "method": method, "preset": "attn-proj-ffn", "rank": 4, "max_steps": 6,
+              "batch_size": 8, "seq_len": 32, "lr": 1e-2, "out": str(out), "compile": "off",
+              **kw}
+    if quant is not None:
+        values["quant"] = quant
+    return train(make_config(values))
+
+
+@pytest.mark.slow
+def test_qlora_run_reloads_on_its_quantized_base(tiny_lm_run_inputs, tmp_path, capsys):
+    """The case qlora_reeval: re-evaluating a qlora run used the float base W + s B A instead
+    of the quantized Q(W) + s B A it trained and recorded (10.595728 vs 10.596695 nats)."""
+    import torch
+
+    from loralab import load_adapter
+    from loralab.cli import main
+    from loralab.data import load_task_data
+    from loralab.models import load_model
+    from loralab.quant import is_quantized_tensor, prepare_method
+    from loralab.train import evaluate, evaluate_saved, make_config
+
+    inputs, run = tiny_lm_run_inputs, tmp_path / "run"
+    rec = _train_tiny(inputs, run, "qlora", "nf4")
+    recorded = rec["metrics"]["validation"]["loss"]
+    cfg = make_config(rec["config"])
+    loaded = load_model(cfg.model, "lm")  # Q(W) + adapter rebuilt by hand
+    prepare_method(loaded.model, "qlora", "nf4")
+    load_adapter(loaded.model, run / "adapter")
+    data = load_task_data(cfg.data, "lm", loaded.tokenizer, seq_len=cfg.seq_len, seed=cfg.seed)
+    by_hand = evaluate(loaded.model.eval(), data.splits["validation"], data.collate_fn,
+                       cfg)["loss"]
+    again = evaluate_saved(run_dir=run, splits=("validation",))["validation"]["loss"]
+    # the same quantized weights, adapter and batches through the same kernels: equal up to
+    # the order of the per-batch loss sums (none here), so 1e-6 relative is tight (the float
+    # base was off by 1e-4 relative, the quantization error of this tiny random model)
+    assert by_hand == pytest.approx(recorded, rel=1e-6, abs=0)
+    assert again == pytest.approx(recorded, rel=1e-6, abs=0)
+    net, _, _ = st.load_run_model(run)
+    adapted = [m for m in net.modules() if hasattr(m, "lora_A")]
+    assert adapted and all(is_quantized_tensor(m.base.weight) for m in adapted)
+
+    # merge --run writes the float form of Q(W) + s B A: dequant(Q(W)) + s B A, and says so
+    assert main(["merge", "--run", str(run), "--out", str(tmp_path / "merged")]) == 0
+    assert "dequant(Q(W)) + s B A" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any(is_quantized_tensor(p) for p in merged.parameters())
+    batch = data.collate_fn([data.splits["validation"][i] for i in range(4)])
+    with torch.no_grad():  # one fp32 sum W' = deq(Q(W)) + s B A instead of two matmuls
+        torch.testing.assert_close(merged(input_ids=batch["input_ids"]).logits,
+                                   net(input_ids=batch["input_ids"]).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+    # an old run that does not record its scheme: a one-line error, not the wrong model
+    record = json.loads((run / "record.json").read_text())
+    record["config"].pop("quant")
+    record.pop("quant")
+    (run / "record.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="records no quantization scheme.*re-run it"):
+        st.load_run_model(run)
+
+
+METHODS = [("none", None), ("full", None), ("head", None), ("lora", None), ("lora-head", None),
+           ("qat-lora", "int4"), ("qlora", "int8"), ("lora-ptq", "nf4")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,scheme", METHODS, ids=[m for m, _ in METHODS])
+def test_reevaluating_a_run_reproduces_its_recorded_metrics(tiny_lm_run_inputs, tmp_path,
+                                                            method, scheme):
+    """`loralab eval RUN` (train.evaluate_saved -> load_run_model) re-evaluates exactly the
+    model whose metrics each method records."""
+    from loralab.train import evaluate_saved
+
+    rec = _train_tiny(tiny_lm_run_inputs, tmp_path / "run", method, scheme, max_steps=3)
+    again = evaluate_saved(run_dir=tmp_path / "run")
+    assert set(again) == {"validation", "test"}
+    for split, metrics in again.items():
+        recorded = rec["metrics"][split]
+        assert set(metrics) == set(recorded)
+        for key, value in metrics.items():
+            # the same weights through the same evaluation code on the same batches
+            assert value == pytest.approx(recorded[key], rel=1e-6, abs=1e-9), (split, key)
