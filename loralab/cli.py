@@ -17,8 +17,8 @@ EPILOG = """examples:
   loralab compare studies/distilbert-imdb-offline.yaml --seeds 3
   loralab runs loralab-out/default --status finished
   loralab report loralab-out/default   # rebuild report.md/.html/results.csv from the database
-  loralab merge --run loralab-out/default/runs/lora-2-seed0 --out merged/
-  loralab generate --run loralab-out/default/runs/lora-2-seed0 --prompt "The Moon is"
+  loralab merge loralab-out/default/runs/lora-2-seed0 --out merged/
+  loralab generate loralab-out/default/runs/lora-2-seed0 --prompt "The Moon is"
 """
 
 
@@ -84,6 +84,12 @@ COMPARE_EPILOG = """examples:
   loralab compare studies/gpt2-wikitext2-offline.yaml --out results/
   loralab compare distilbert-imdb-offline --seeds 3   # a bundled study by name, 3 seeds each
   loralab compare my-study.yaml --report-only      # rebuild the report, train nothing
+  loralab compare default budget.max_steps=5 seeds=3 strategies.lora-2.rank=16 --dry-run
+
+KEY=VALUE overrides change the study file's mapping before it is validated (dotted keys; list
+items by index or by name; values parsed as YAML; null removes a key): an override is checked
+exactly as the same value in the file. --dry-run prints the resolved study and its plan (which
+runs would train, resume or be skipped) and trains nothing.
 
 A study file fixes the model, task, training and evaluation data and the budget, and lists the
 strategies (none, full, head, lora, lora-head, qat-lora, qlora, lora-ptq). The untuned model is
@@ -99,11 +105,24 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     from loralab import report, study
 
+    overrides = list(args.overrides or [])
+    if args.study and "=" in args.study and not Path(args.study).is_file():
+        args.study, overrides = None, [args.study, *overrides]  # `compare KEY=VALUE`: default
     path = study.resolve_study_path(args.study)
-    spec = study.with_seeds(study.load_study(path), args.seeds)
+    spec = study.with_seeds(study.load_study(path, overrides=overrides), args.seeds)
+    if args.report_to is not None:  # outside the config hash: finished runs stay finished
+        import dataclasses
+
+        from loralab.tracking import parse_report_to
+
+        spec = dataclasses.replace(spec, report_to=parse_report_to(args.report_to))
     out_dir = Path(args.out) / spec.name
+    if args.dry_run:
+        from loralab.cli_studies import dry_run
+
+        return dry_run(spec, out_dir)
     if not args.report_only:
-        study.run_study(spec, out_dir, progress=lambda msg: print(msg, flush=True))
+        study.run_study(spec, out_dir, progress=lambda msg: print(msg, flush=True), bar=True)
     written = report.write_report(out_dir, study=spec.name)
     data = report.load(out_dir, spec.name)[0]
     print()
@@ -174,8 +193,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_argument(p: argparse.ArgumentParser, what: str = "run directory") -> None:
+    """Every command that reads a run directory takes it the same way: `RUN` as its first
+    positional argument, or `--run RUN` (the older spelling, kept so scripts keep working)."""
+    p.add_argument("run", nargs="?", metavar="RUN", help=f"{what} (OUT/<study>/runs/<name>, or "
+                   "a `loralab train --out` directory)")
+    p.add_argument("--run", dest="run_option", metavar="RUN", help="the same, as an option")
+
+
+def _run_dir(args: argparse.Namespace, *, required: bool = True) -> str | None:
+    """The run directory given as RUN or --run (one of them; the same if both)."""
+    run, option = getattr(args, "run", None), getattr(args, "run_option", None)
+    if run and option and run != option:
+        raise UserError(f"two run directories given ({run} and --run {option}); give one")
+    if not (run or option) and required:
+        raise UserError(f"`loralab {args.command}` needs a run directory: loralab "
+                        f"{args.command} RUN ... (see `loralab runs`)")
+    return run or option
+
+
 MERGE_EPILOG = """examples:
-  loralab merge --run loralab-out/default/runs/lora-2-seed0 --out merged/lora-2
+  loralab merge loralab-out/default/runs/lora-2-seed0 --out merged/lora-2
   python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('merged/lora-2')"
 
 Folds the run's LoRA adapters into the base weights (W + (alpha/r) B A) and writes a plain
@@ -189,15 +227,15 @@ dequant(Q(W + s B A)) (a note says which).
 def _cmd_merge(args: argparse.Namespace) -> int:
     from loralab import study
 
-    out = study.merge_run(args.run, args.out, note=lambda m: print(f"note: {m}"))
+    out = study.merge_run(_run_dir(args), args.out, note=lambda m: print(f"note: {m}"))
     print(f"merged model written to {out}")
     return 0
 
 
 GENERATE_EPILOG = """examples:
-  loralab generate --run loralab-out/default/runs/lora-2-seed0
-  loralab generate --run loralab-out/default/runs/full-seed0 --prompt "The Moon is" --max-new-tokens 60
-  loralab generate --run RUN --prompt "a dull, lifeless film" # a classifier run prints its label
+  loralab generate loralab-out/default/runs/lora-2-seed0
+  loralab generate loralab-out/default/runs/full-seed0 --prompt "The Moon is" --max-new-tokens 60
+  loralab generate RUN --prompt "a dull, lifeless film" # a classifier run prints its label
 """
 
 
@@ -205,7 +243,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from loralab import study
 
     prompts = args.prompt or ["The history of"]
-    outputs = study.generate_from_run(args.run, prompts, max_new_tokens=args.max_new_tokens,
+    outputs = study.generate_from_run(_run_dir(args), prompts, max_new_tokens=args.max_new_tokens,
                                       temperature=args.temperature, seed=args.seed)
     for prompt, text in zip(prompts, outputs):
         if text.startswith("label "):  # a classifier run
@@ -226,39 +264,15 @@ examples:
   loralab targets smollm2-135m --preset qv
   loralab targets minilm-l6 --task classify --preset all --rank 16
   loralab targets ./my-model --targets 'q_proj,model.layers.*.mlp.down_proj'
+  loralab targets smollm2-135m --preset attn --all      # every module, not one per kind
   loralab targets smollm2-135m --preset attn --json
 """
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    import json
+    from loralab.cli_targets import cmd_targets
 
-    import torch
-
-    from loralab.lora import LoRAConfig, describe_targets
-    from loralab.models import load_model
-
-    config = LoRAConfig(rank=args.rank, alpha=args.alpha or 2.0 * args.rank,
-                        targets=args.targets or args.preset)
-    torch.manual_seed(0)
-    model = load_model(args.model, args.task, num_labels=args.num_labels).model
-    rows = describe_targets(model, config)
-    total = sum(p.numel() for p in model.parameters())
-    lora = sum(r["lora_params"] for r in rows)
-    if args.json:
-        print(json.dumps({"model": args.model, "targets": config.targets, "rank": config.rank,
-                          "modules": rows, "lora_params": lora, "total_params": total}, indent=2))
-        return 0
-    print(f"{args.model}: {len(rows)} modules match {config.targets!r} (rank {config.rank})")
-    width = max(len(r["name"]) for r in rows)
-    print(f"{'module':<{width}}  {'kind':<7} {'d_in x d_out':>13}  {'slices':<18} {'params':>9}")
-    for r in rows:
-        slices = ",".join(f"{a}:{b}" for a, b in r["slices"]) if r["slices"] else "all"
-        shape = f"{r['d_in']} x {r['d_out']}"
-        print(f"{r['name']:<{width}}  {r['kind']:<7} {shape:>13}  {slices:<18} "
-              f"{r['lora_params']:>9,}")
-    print(f"trainable LoRA parameters: {lora:,} of {total:,} ({100.0 * lora / total:.3f}%)")
-    return 0
+    return cmd_targets(args)
 
 
 SCORE_EPILOG = """inputs (detected by extension: .csv/.tsv are tables, anything else plain text):
@@ -279,6 +293,8 @@ examples:
   loralab score testset_w_refs.csv outputs.csv
   loralab score devel-conc.txt baseline-output.txt --json
   loralab score refs.txt outputs.txt --no-java      # without Java: no METEOR/ROUGE_L/CIDEr
+  loralab score --generations loralab-out/e2e/runs/lora-seed0/generations.jsonl
+                        # rescore a run's kept generations (per eval set), no decoding
 """
 
 
@@ -287,8 +303,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     from loralab.e2e_metrics import read_score_inputs, score_e2e
 
+    if args.generations:
+        return _score_generations(args)
+    if not (args.refs and args.system):
+        from loralab.errors import UserError
+
+        raise UserError("score needs REFS and SYSTEM files, or --generations "
+                        "RUN/generations.jsonl")
     refs, hyps = read_score_inputs(args.refs, args.system)
-    scores = score_e2e(refs, hyps, java=not args.no_java)
+    scores = score_e2e(refs, hyps, java=not args.no_java, progress="scoring")
     if args.json:
         print(json.dumps(scores))
         return 0
@@ -297,6 +320,26 @@ def _cmd_score(args: argparse.Namespace) -> int:
     print(f"{'metric':<10} {'score':>9}")
     for key, value in scores.items():
         print(f"{key:<10} {value:>9.4f}")
+    return 0
+
+
+def _score_generations(args: argparse.Namespace) -> int:
+    """`score --generations`: each eval set of a run's generations.jsonl scored again."""
+    import json
+
+    from loralab.e2e_metrics import score_e2e
+    from loralab.generations import read_generations
+
+    sets = read_generations(args.generations)
+    results = {name: score_e2e(refs, hyps, java=not args.no_java, progress=f"scoring, {name}")
+               for name, (refs, hyps) in sets.items()}
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    for name, scores in results.items():
+        print(f"{name}: {len(sets[name][1])} outputs")
+        for key, value in scores.items():
+            print(f"  {key:<10} {value:>9.4f}")
     return 0
 
 
@@ -388,7 +431,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from loralab.train import evaluate_saved
 
-    results = evaluate_saved(run_dir=args.run, model=args.model, adapter=args.adapter,
+    results = evaluate_saved(run_dir=_run_dir(args, required=False), model=args.model, adapter=args.adapter,
                              data=args.data, task=args.task, splits=tuple(args.split or ()),
                              batch_size=args.batch_size, seq_len=args.seq_len,
                              num_labels=args.num_labels, precision=args.precision)
@@ -409,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from loralab import __version__
+
+    parser.add_argument("--version", action="version", version=f"loralab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # --- subcommands are registered below, one block each ---
     # [engineer D] train, eval
@@ -472,15 +518,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-labels", dest="num_labels", type=int)
     p.add_argument("--quant", help="qat-lora/qlora/lora-ptq quantization scheme")
     p.add_argument("--out", help="run directory")
-    p.add_argument("--wandb", action="store_const", const=True,
-                   help="also log to Weights & Biases")
+    p.add_argument("--report-to", dest="report_to", metavar="T1,T2",
+                   help="trackers: tensorboard (default), wandb, mlflow, comma-separated, or "
+                   "none (wandb/mlflow: pip install 'loralab[tracking]')")
+    p.add_argument("--wandb", dest="report_to", action="store_const",
+                   const="tensorboard,wandb", help=argparse.SUPPRESS)  # old spelling
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a finished run, or a model (+ adapter), on a dataset",
                        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", nargs="?", help="run directory (with record.json)")
+    _add_run_argument(p, "run directory (with record.json)")
     p.add_argument("--model", help="model to evaluate instead of a run")
     p.add_argument("--adapter", help="adapter directory (PEFT format) to load into --model")
     p.add_argument("--task", choices=("lm", "classify", "generate"))
@@ -499,10 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "NLG Challenge metrics (BLEU, NIST, METEOR, ROUGE_L, CIDEr, computed as "
                        "the official scorer does) plus sacreBLEU, chrF, TER and ROUGE-1/2/L.",
                        epilog=SCORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("refs", metavar="REFS", help="references: CSV (mr,ref) or blank-line-grouped "
-                   "text")
-    p.add_argument("system", metavar="SYSTEM", help="system outputs: CSV (mr,output) or one per "
-                   "line")
+    p.add_argument("refs", metavar="REFS", nargs="?",
+                   help="references: CSV (mr,ref) or blank-line-grouped text")
+    p.add_argument("system", metavar="SYSTEM", nargs="?",
+                   help="system outputs: CSV (mr,output) or one per line")
+    p.add_argument("--generations", metavar="FILE",
+                   help="instead of REFS and SYSTEM: a run's generations.jsonl (or its run "
+                   "directory), rescored per eval set")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--no-java", action="store_true",
                    help="skip the Java metrics (METEOR, ROUGE_L, CIDEr)")
@@ -523,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="lm", choices=["lm", "classify", "generate"],
                    help="model head to load (default: lm)")
     p.add_argument("--num-labels", type=int, default=2, help="labels for --task classify")
+    p.add_argument("--all", action="store_true",
+                   help="list every module, not one line per kind of module")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_targets)
     # [engineer E] compare, runs, report, merge, generate
@@ -534,6 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", nargs="?", default=None,
                    help="study YAML file or bundled study name (default: the bundled offline "
                         "study 'default')")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override the study file: budget.max_steps=5, seeds=3, "
+                        "strategies.lora-1.rank=16, ...")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved study and its plan; train nothing")
     p.add_argument("--out", default="loralab-out",
                    help="output root; the study goes to OUT/<study name>/ (default loralab-out)")
     p.add_argument("--seeds", type=int, default=None,
@@ -541,6 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "report shows mean ± std")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing; rebuild the report from the database")
+    p.add_argument("--report-to", dest="report_to", metavar="T1,T2",
+                   help="trackers of every run: tensorboard (default), wandb (grouped by "
+                   "study), mlflow (one experiment per study), comma-separated, or none; "
+                   "overrides the study's report_to and never re-trains finished runs")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("runs", help="list the runs of a study output directory, with filters",
@@ -567,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Merge a run's LoRA adapters into its base model and save a "
                                    "plain transformers model.",
                        epilog=MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run directory (OUT/<study>/runs/<name>)")
+    _add_run_argument(p)
     p.add_argument("--out", required=True, help="new directory for the merged model")
     p.set_defaults(func=_cmd_merge)
 
@@ -576,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sample a continuation of each prompt; classifier runs print "
                                    "the predicted label.",
                        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run directory (OUT/<study>/runs/<name>)")
+    _add_run_argument(p)
     p.add_argument("--prompt", action="append", help="prompt text (repeatable; default: "
                                                      "'The history of')")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to sample (40)")
@@ -608,6 +671,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="preset/file option, e.g. text_column=review (repeatable)")
     p.set_defaults(func=_cmd_data)
+    from loralab import cli_env, cli_studies
+
+    cli_studies.add_parser(sub)
+    cli_env.add_parser(sub)
+    return _finish_parser(parser, sub)
+
+
+def _finish_parser(parser: argparse.ArgumentParser,
+                   sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Show `train`'s defaults (TrainConfig's; loralab.cli_help), and let each subcommand
+    report its own unknown options with its own usage (`main`)."""
+    from loralab.cli_help import document_defaults
+
+    document_defaults(sub.choices["train"])
+    for sub_parser in sub.choices.values():
+        sub_parser.set_defaults(_parser=sub_parser)
     return parser
 
 
@@ -633,7 +712,11 @@ def main(argv: list[str] | None = None) -> int:
     enable_for_this_process()  # before anything imports torch: its allocator reads it once
     _quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]  # `compare STUDY --seeds 3 k=v`
+    elif extra:  # the subcommand's usage, not the top level's: `train --bogus`
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

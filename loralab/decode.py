@@ -37,12 +37,16 @@ GREEDY = DecodeConfig(num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0)
 @torch.no_grad()
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, config: DecodeConfig = PAPER_BEAM,
                  eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 batch_size: int = 8) -> list[list[int]]:
+                 batch_size: int = 8, progress: str | None = None) -> list[list[int]]:
     """New token ids for each prompt (prompt not included), cut after the first EOS (kept).
 
     Prompts are decoded `batch_size` at a time: left-padded for decoder-only models, right-padded
     for encoder-decoders (whose encoder sees the mask and whose decoder starts fresh).
+    `progress`: a label under which decoded prompts and elapsed time are shown on stderr
+    (`loralab.progress`: a bar on a terminal, plain lines otherwise); None = silent.
     """
+    from loralab.progress import Progress
+
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
     if isinstance(eos, (list, tuple)):
         eos = eos[0]
@@ -55,6 +59,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, config: DecodeConfi
     was_training = model.training
     model.eval()
     outputs: list[list[int]] = []
+    shown = Progress(progress or "", len(prompts), "prompt", "prompts",
+                     enabled=progress is not None)
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[start:start + batch_size]]
@@ -84,8 +90,10 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, config: DecodeConfi
                 if eos is not None and eos in row:
                     row = row[:row.index(eos) + 1]
                 outputs.append(row)
+            shown.update(len(new))
     finally:
         model.train(was_training)
+    shown.close()
     return outputs
 
 
@@ -102,16 +110,19 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], *,
-                   config: DecodeConfig = PAPER_BEAM, batch_size: int = 8) -> list[str]:
+                   config: DecodeConfig = PAPER_BEAM, batch_size: int = 8,
+                   progress: str | None = None) -> list[str]:
     """Decode each prompt and return the continuation text (special tokens dropped, stripped).
 
     A prompt is a string (tokenised by `encode_prompts`) or a list of token ids (used as is:
-    e.g. the first tokens of a held-out block, with no decode/re-encode round trip)."""
+    e.g. the first tokens of a held-out block, with no decode/re-encode round trip).
+    `progress`: a label to show decoding progress under (`generate_ids`)."""
     encoded = [list(p) if not isinstance(p, str) else None for p in prompts]
     texts = [p for p in prompts if isinstance(p, str)]
     if texts:
         it = iter(encode_prompts(tokenizer, texts))
         encoded = [next(it) if e is None else e for e in encoded]
     ids = generate_ids(model, encoded, config=config, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
+                       pad_token_id=tokenizer.pad_token_id, batch_size=batch_size,
+                       progress=progress)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]

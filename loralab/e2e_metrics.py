@@ -3,24 +3,20 @@
 The official scorer (`measure_scores.py` of tuetschek/e2e-metrics) reports five numbers:
 
 * BLEU and NIST from NIST's `mteval-v13a` Perl script: corpus level, several references per
-  source, the script's own normalisation (ASCII lower-casing, punctuation split off), BLEU with
-  the "closest reference length" brevity penalty and NIST with n-gram information weights
-  estimated from the reference corpus. Re-implemented here in Python (`mteval_bleu_nist`),
-  including the script's quirks: the references are padded to the largest reference count, and
-  NIST's average reference length divides by that padded count.
+  source, the script's own normalisation (ASCII lower-casing, punctuation split off). The
+  tokenisation is re-implemented here (`mteval_tokenize`); BLEU (closest reference length,
+  the script's "exp" smoothing) is sacrebleu's `corpus_bleu` on those tokens; NIST (n-gram
+  information weights from the reference corpus) is re-implemented (`mteval_nist`: no library
+  computes the script's figure), including the script's quirks.
 * METEOR 1.5, ROUGE-L and CIDEr from the MS-COCO caption evaluation code (pycocoevalcap) on text
   tokenised by the Stanford PTB tokenizer (`-preserveLines -lowerCase`, punctuation tokens
   dropped). METEOR and the tokenizer are the original Java jars, shipped in the `pycocoevalcap`
-  wheel; each runs in one JVM call for the whole corpus. ROUGE-L (beta 1.2, best precision and
-  best recall over references) and CIDEr (tf-idf n-gram cosine with document frequencies taken
-  from this corpus's references, Gaussian length penalty sigma 6, times 10) are re-implemented.
-
-Why re-implement rather than call the originals: the Perl script needs XML::Twig and file
-plumbing, and the Python COCO scorers start one JVM per call; our versions are pure functions
-that agree with the originals (see README "Metrics and how they were validated").
+  wheel; each runs in one JVM call for the whole corpus (the COCO wrappers start one JVM per
+  call). ROUGE-L and CIDEr are pycocoevalcap's pure-Python `Rouge` and `Cider`.
 
 Also computed: sacreBLEU BLEU, chrF and TER (sacrebleu, on 0..100 scales as sacrebleu reports
-them) and ROUGE-1/2/L F-measure (rouge-score, best reference per segment, mean over segments).
+them; TER with a vectorised edit distance, equal to sacrebleu's) and ROUGE-1/2/L F-measure
+(rouge-score, best reference per segment, mean over segments).
 """
 
 from __future__ import annotations
@@ -191,9 +187,8 @@ def mteval_tokenize(text: str, lowercase: bool = True) -> list[str]:
 
 def _ngram_counts(words: Sequence[str], max_n: int) -> Counter:
     counts: Counter = Counter()
-    for n in range(1, max_n + 1):
-        for i in range(len(words) - n + 1):
-            counts[tuple(words[i:i + n])] += 1
+    for n in range(1, max_n + 1):  # zip of n shifted copies: the n-grams, counted in C
+        counts.update(zip(*(words[i:] for i in range(n))))
     return counts
 
 
@@ -207,33 +202,57 @@ def _nist_length_penalty(ratio: float) -> float:
     return math.exp(-beta * math.log(ratio) ** 2)
 
 
-def mteval_bleu_nist(refs: Sequence[Sequence[str]], hyps: Sequence[str], *,
-                     lowercase: bool = True) -> dict[str, float]:
-    """Corpus BLEU-4 and NIST-5 exactly as mteval-v13a computes them (default options).
+def mteval_bleu(tok_refs: Sequence[Sequence[Sequence[str]]], tok_hyps: Sequence[Sequence[str]]
+                ) -> float:
+    """mteval-v13a corpus BLEU-4 on mteval tokens, computed by sacrebleu's `corpus_bleu`
+    (`tokenize="none"` on the joined tokens, `smooth_method="exp"`, the script's smoothing).
 
     BLEU = BP * exp(mean_{n<=4} log p_n), p_n = clipped n-gram matches / hypothesis n-grams
-    summed over the corpus, BP = exp(min(0, 1 - r/c)) with r the sum over segments of the
-    reference length closest to the hypothesis length (ties -> shorter); a zero match count is
-    smoothed to 1/2^k as the script does. NIST = sum_{n<=5} info(matched n-grams) / hypothesis
-    n-grams, info(w1..wn) = -log2(count(w1..wn) / count(w1..wn-1)) over all references, times
-    the NIST length penalty of c / (total reference words / mean number of non-empty references
-    per source).
+    summed over the corpus (the k-th order with no match counts 1 / (2^k * hypothesis n-grams)),
+    BP = exp(min(0, 1 - r/c)) with r the sum over segments of the reference length closest to
+    the hypothesis length (ties -> shorter). Equal to the official figures (tests) and to 1e-15
+    to the Perl script's arithmetic on the E2E dev and test sets.
+
+    References: sacrebleu takes one stream per reference position, None where a source has no
+    such reference; the official scorer pads with empty strings, which mteval skips in the
+    closest length except the first reference (whose length it takes unchecked). So empty
+    references other than the first become None here. Two corpora where sacrebleu gives 0
+    and the script a small positive number: no n-gram matches at all, or no hypothesis n-gram of
+    some order n <= 4 in the whole corpus (every output shorter than 4 tokens); neither happens
+    on real E2E outputs.
+    """
+    import sacrebleu
+
+    if len(tok_refs) != len(tok_hyps):
+        raise ValueError(f"{len(tok_hyps)} hypotheses but {len(tok_refs)} reference lists")
+    width = max(len(rs) for rs in tok_refs)
+    streams = [[" ".join(rs[i]) if i < len(rs) and (i == 0 or rs[i]) else None
+                for rs in tok_refs] for i in range(width)]
+    # force: the text is tokenised on purpose (sacrebleu would warn about "tokenized periods")
+    return sacrebleu.corpus_bleu([" ".join(h) for h in tok_hyps], streams, tokenize="none",
+                                 smooth_method="exp", force=True).score / 100
+
+
+def mteval_nist(tok_refs: Sequence[Sequence[Sequence[str]]], tok_hyps: Sequence[Sequence[str]]
+                ) -> float:
+    """NIST-5 exactly as the official scorer's mteval-v13a computes it, on mteval tokens.
+
+    NIST = sum_{n<=5} info(matched n-grams) / hypothesis n-grams, info(w1..wn) =
+    -log2(count(w1..wn) / count(w1..wn-1)) over all references, times the NIST length penalty
+    of c / (total reference words / mean number of non-empty references per source).
+    (NLTK's `corpus_nist` is not a substitute: it gives 7.41 where the script gives 8.58 on
+    the same tokens.)
 
     Sources may have different numbers of references (as in E2E). The official scorer pads them
     to the largest count with empty strings, and its modified mteval ("NIST to work with average
     number of non-empty references") counts only the non-empty ones per segment: dividing by the
     padded count would make the average reference too short and the length penalty too mild.
-    Empty references are likewise skipped in BLEU's closest length, except that the script
-    starts from the first reference's length even when it is empty (kept here; the padding only
-    ever appends). A bigram whose first word is "0" takes the total word count as its
-    denominator, because Perl reads the prefix string "0" as false; kept for identical scores.
+    A bigram whose first word is "0" takes the total word count as its denominator, because
+    Perl reads the prefix string "0" as false; kept for identical scores.
     """
-    if len(refs) != len(hyps):
-        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} reference lists")
+    if len(tok_refs) != len(tok_hyps):
+        raise ValueError(f"{len(tok_hyps)} hypotheses but {len(tok_refs)} reference lists")
     max_n = 5
-    tok_refs = [[mteval_tokenize(r, lowercase) for r in rs] for rs in refs]
-    tok_hyps = [mteval_tokenize(h, lowercase) for h in hyps]
-
     ref_ngram_total: Counter = Counter()
     total_ref_words = 0
     ref_counts = []
@@ -251,50 +270,34 @@ def mteval_bleu_nist(refs: Sequence[Sequence[str]], hyps: Sequence[str], *,
         denom = ref_ngram_total[prefix] if prefix and prefix != ("0",) else total_ref_words
         info[gram] = -math.log2(count / denom)
 
-    ref_length = 0
-    match = [0] * (max_n + 1)
     tst = [0] * (max_n + 1)
     tst_info = [0.0] * (max_n + 1)
-    for hyp, rs, rcs in zip(tok_hyps, tok_refs, ref_counts):
-        c = len(hyp)
-        closest = None
-        for r in rs:
-            if closest is None:
-                closest = len(r)
-            elif len(r) and (abs(c - len(r)) < abs(c - closest)
-                             or (abs(c - len(r)) == abs(c - closest) and len(r) < closest)):
-                closest = len(r)
-        ref_length += closest or 0
-        ref_max: Counter = Counter()
+    for hyp, rcs in zip(tok_hyps, ref_counts):
+        ref_max: dict[tuple, int] = {}  # per n-gram the largest count in one reference
         for rc in rcs:
-            ref_max |= rc
+            for gram, count in rc.items():
+                if count > ref_max.get(gram, 0):
+                    ref_max[gram] = count
         for n in range(1, max_n + 1):
-            tst[n] += max(c - n + 1, 0)
+            tst[n] += max(len(hyp) - n + 1, 0)
         for gram, count in _ngram_counts(hyp, max_n).items():
             if gram in ref_max:
-                clipped = min(count, ref_max[gram])
-                match[len(gram)] += clipped
-                tst_info[len(gram)] += info[gram] * clipped
-
-    # BLEU (smoothed as the script's default `bleu_score`)
-    exp_len = math.exp(min(0.0, 1 - ref_length / tst[1])) if tst[1] > 0 else 0.0
-    log_sum, smooth = 0.0, 1
-    for n in range(1, 5):
-        if tst[n] == 0:
-            iscore = 0.0
-        elif match[n] == 0:
-            smooth *= 2
-            iscore = math.log(1 / (smooth * tst[n]))
-        else:
-            iscore = math.log(match[n] / tst[n])
-        log_sum += iscore
-    bleu = math.exp(log_sum / 4) * exp_len
-
+                tst_info[len(gram)] += info[gram] * min(count, ref_max[gram])
     nist = sum(tst_info[n] / max(tst[n], 1) for n in range(1, max_n + 1))
     # mean non-empty references per source (the script's $cum_ref_count / $cum_seg_count)
     mean_refs = sum(1 for rs in tok_refs for r in rs if r) / len(tok_refs)
-    nist *= _nist_length_penalty(tst[1] / (total_ref_words / mean_refs))
-    return {"BLEU": bleu, "NIST": nist}
+    return nist * _nist_length_penalty(tst[1] / (total_ref_words / mean_refs))
+
+
+def mteval_bleu_nist(refs: Sequence[Sequence[str]], hyps: Sequence[str], *,
+                     lowercase: bool = True) -> dict[str, float]:
+    """The official scorer's BLEU and NIST: mteval-v13a tokenisation (`mteval_tokenize`, done
+    once for both), BLEU by sacrebleu (`mteval_bleu`), NIST by `mteval_nist`."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} reference lists")
+    tok_refs = [[mteval_tokenize(r, lowercase) for r in rs] for rs in refs]
+    tok_hyps = [mteval_tokenize(h, lowercase) for h in hyps]
+    return {"BLEU": mteval_bleu(tok_refs, tok_hyps), "NIST": mteval_nist(tok_refs, tok_hyps)}
 
 
 # --------------------------------------------------------------------------- Java tools
@@ -404,87 +407,22 @@ def meteor_score(refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> tuple[fl
 
 # --------------------------------------------------------------------------- COCO scorers
 
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence (O(len a * len b) dynamic programme)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, start=1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
+def coco_rouge_l_cider(refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> dict[str, float]:
+    """ROUGE-L and CIDEr by pycocoevalcap's `Rouge` and `Cider` (pure Python, the MS-COCO
+    caption code the official scorer runs) on tokenised text (tokens joined by single spaces).
 
-
-def coco_rouge_l(refs: Sequence[Sequence[str]], hyps: Sequence[str], beta: float = 1.2
-                 ) -> tuple[float, list[float]]:
-    """COCO ROUGE-L on tokenised text: per segment F_beta of (best LCS precision over refs,
-    best LCS recall over refs), beta = 1.2; corpus score = mean over segments."""
-    scores = []
-    for rs, hyp in zip(refs, hyps):
-        h = hyp.split(" ")
-        best_p = best_r = 0.0
-        for ref in rs:
-            r = ref.split(" ")
-            lcs = _lcs_length(r, h)
-            best_p = max(best_p, lcs / len(h))
-            best_r = max(best_r, lcs / len(r))
-        if best_p and best_r:
-            scores.append((1 + beta**2) * best_p * best_r / (best_r + beta**2 * best_p))
-        else:
-            scores.append(0.0)
-    return (sum(scores) / len(scores) if scores else 0.0), scores
-
-
-def coco_cider(refs: Sequence[Sequence[str]], hyps: Sequence[str], n: int = 4,
-               sigma: float = 6.0) -> tuple[float, list[float]]:
-    """COCO CIDEr (not CIDEr-D) on tokenised text.
-
-    For each n <= 4, n-grams weigh tf * (log N - log max(1, df)), with N the number of sources
-    and df the number of sources whose references contain the n-gram (so the idf comes from the
-    scored corpus, as in the official scorer). Per reference: cosine with clipping
-    sum min(h, r) * r / (|h| |r|), times exp(-delta^2 / (2 sigma^2)) where delta is the
-    difference in bigram counts (the COCO code's "length"); averaged over n and references,
-    times 10. Corpus score = mean over sources.
+    ROUGE-L: per segment F_beta (beta 1.2) of the best LCS precision and best LCS recall over
+    the references; CIDEr (not CIDEr-D): tf-idf n-gram (n <= 4) cosine with document frequencies
+    from this corpus's references, Gaussian length penalty sigma 6, times 10. Both corpus
+    scores are means over segments.
     """
-    def grams(text: str) -> Counter:
-        return _ngram_counts(text.split(), n)
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
 
-    ref_grams = [[grams(r) for r in rs] for rs in refs]
-    hyp_grams = [grams(h) for h in hyps]
-    df: Counter = Counter()
-    for rgs in ref_grams:
-        df.update(set().union(*rgs) if rgs else set())
-    log_n = math.log(float(len(refs)))
-
-    def vector(counts: Counter) -> tuple[list[dict], list[float], int]:
-        vec: list[dict] = [{} for _ in range(n)]
-        norm = [0.0] * n
-        bigrams = 0
-        for gram, tf in counts.items():
-            k = len(gram) - 1
-            w = tf * (log_n - math.log(max(1.0, df.get(gram, 0))))
-            vec[k][gram] = w
-            norm[k] += w * w
-            if k == 1:
-                bigrams += tf
-        return vec, [math.sqrt(x) for x in norm], bigrams
-
-    scores = []
-    for hg, rgs in zip(hyp_grams, ref_grams):
-        vh, nh, lh = vector(hg)
-        total = 0.0
-        for rg in rgs:
-            vr, nr, lr = vector(rg)
-            penalty = math.exp(-((lh - lr) ** 2) / (2 * sigma**2))
-            for k in range(n):
-                val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
-                if nh[k] != 0 and nr[k] != 0:
-                    val /= nh[k] * nr[k]
-                total += val * penalty
-        scores.append(total / n / len(rgs) * 10.0)
-    return (sum(scores) / len(scores) if scores else 0.0), scores
+    gts = {i: list(rs) for i, rs in enumerate(refs)}
+    res = {i: [h] for i, h in enumerate(hyps)}
+    return {"ROUGE_L": float(Rouge().compute_score(gts, res)[0]),
+            "CIDEr": float(Cider().compute_score(gts, res)[0])}
 
 
 # --------------------------------------------------------------------------- extra metrics
@@ -698,14 +636,18 @@ def rouge_score_f(refs: Sequence[Sequence[str]], hyps: Sequence[str], *,
 # --------------------------------------------------------------------------- everything
 
 def score_e2e(refs: Sequence[Sequence[str]], hyps: Sequence[str], *, java: bool = True,
-              workers: int = 2) -> dict[str, float]:
+              workers: int = 2, progress: str | None = None) -> dict[str, float]:
     """All metrics for one system: the official E2E five (BLEU and METEOR as fractions 0..1,
     NIST, ROUGE_L, CIDEr), sacreBLEU/chrF/TER (0..100), rouge-score F (0..1).
 
     With `java=False`, METEOR, ROUGE_L and CIDEr (which need the Java PTB tokenizer) are left
     out rather than computed on different tokens. TER (the slowest metric) runs on `workers`
-    processes in the background while the rest is computed.
+    processes in the background while the rest is computed. `progress`: a label under which
+    the metrics done and the elapsed time are shown on stderr (`loralab.progress`); None =
+    silent.
     """
+    from loralab.progress import Progress
+
     refs = [list(rs) for rs in refs]
     hyps = list(hyps)
     if len(refs) != len(hyps):
@@ -727,7 +669,11 @@ def score_e2e(refs: Sequence[Sequence[str]], hyps: Sequence[str], *, java: bool 
 
     ter_thread = threading.Thread(target=run_ter, daemon=True)
     ter_thread.start()
+    # steps: BLEU+NIST, [PTB tokens + METEOR, ROUGE_L + CIDEr,] sacreBLEU+chrF, ROUGE-n, TER
+    shown = Progress(progress or "", 6 if java else 4, "metric", "metric groups",
+                     enabled=progress is not None)
     scores: dict[str, float] = dict(mteval_bleu_nist(refs, hyps))
+    shown.update()
     if java:
         flat = [r for rs in refs for r in rs] + hyps
         tokens = ptb_tokenize(flat)
@@ -737,11 +683,16 @@ def score_e2e(refs: Sequence[Sequence[str]], hyps: Sequence[str], *, java: bool 
             pos += len(rs)
         tok_hyps = tokens[pos:]
         scores["METEOR"] = meteor_score(tok_refs, tok_hyps)[0]
-        scores["ROUGE_L"] = coco_rouge_l(tok_refs, tok_hyps)[0]
-        scores["CIDEr"] = coco_cider(tok_refs, tok_hyps)[0]
+        shown.update()
+        scores.update(coco_rouge_l_cider(tok_refs, tok_hyps))
+        shown.update()
     scores.update(sacrebleu_scores(refs, hyps, ter=False))
+    shown.update()
     scores.update(rouge_score_f(refs, hyps))
+    shown.update()
     ter_thread.join()
+    shown.update()
+    shown.close()
     if "error" in ter_result:
         raise ter_result["error"]  # type: ignore[misc]
     scores["TER"] = ter_result["TER"]  # type: ignore[assignment]

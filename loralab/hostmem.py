@@ -28,6 +28,12 @@ tcmalloc preloaded when the library is installed (Debian/Ubuntu: `libtcmalloc-mi
 (`torch.backends.xeon.run_cpu`) does. With tcmalloc preloaded the huge-page setting is left off:
 it was measured to add nothing on top. The user's own `LD_PRELOAD` is never touched, and
 `LORALAB_ALLOCATOR=system` keeps the C library's allocator.
+
+tcmalloc is a CPU-measured speed-up (loralab.devices), so the command restarts itself only for
+the subcommands that train (`train`, `compare`) and never on a GPU host: there activations live
+in device memory, where PyTorch's own caching allocator already reuses blocks. A GPU host is
+recognised without importing torch (`devices.gpu_host`: an NVIDIA or ROCm driver present and
+`CUDA_VISIBLE_DEVICES` not hiding every device), since the decision is taken before torch loads.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import sys
 import sysconfig
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
+
+from loralab import devices
 
 THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 OPT_OUT_VARIABLE = "LORALAB_HUGE_PAGES"
@@ -135,15 +143,17 @@ def is_loralab_command(argv: Sequence[str]) -> bool:
 
 
 def allocator_plan(environ: Mapping[str, str], platform: str, library: Path | None,
-                   argv: Sequence[str]) -> tuple[dict[str, str], str]:
+                   argv: Sequence[str], *, gpu: bool = False) -> tuple[dict[str, str], str]:
     """(variables to add to the environment before re-executing, or {} to carry on as is; one
     line saying what was decided and why).
 
-    Pure: the caller passes the environment, `sys.platform`, the library found (or None) and
-    `sys.argv`. Nothing is changed when the user chose (`LORALAB_ALLOCATOR=system`, or any
-    LD_PRELOAD of their own), when tcmalloc is already preloaded (so the re-executed process
-    does not loop), off Linux, when the library is missing, or when loralab's CLI is called
-    from another program (re-executing would run that program again).
+    Pure: the caller passes the environment, `sys.platform`, the library found (or None),
+    `sys.argv` and whether the host has a GPU (`devices.gpu_host`). Nothing is changed when the
+    user chose (`LORALAB_ALLOCATOR=system`, or any LD_PRELOAD of their own), when tcmalloc is
+    already preloaded (so the re-executed process does not loop), off Linux, when loralab's CLI
+    is called from another program (re-executing would run that program again), for a
+    subcommand that does not train (`devices.CPU_TRAINING_COMMANDS`), on a GPU host (tcmalloc
+    is a CPU-measured speed-up: `devices.device_defaults`), or when the library is missing.
     """
     choice = environ.get(ALLOCATOR_VARIABLE, "auto").strip().lower()
     if choice in {"system", "0", "off", "false", "no"}:
@@ -155,22 +165,30 @@ def allocator_plan(environ: Mapping[str, str], platform: str, library: Path | No
         return {}, f"allocator: left to the user's {PRELOAD_VARIABLE}={environ[PRELOAD_VARIABLE]}"
     if not platform.startswith("linux"):
         return {}, "allocator: the C library's (tcmalloc is preloaded on Linux only)"
+    if not is_loralab_command(argv):
+        return {}, "allocator: the C library's (loralab's CLI called from another program)"
+    command = devices.subcommand(argv)
+    if command not in devices.CPU_TRAINING_COMMANDS:
+        what = f"`loralab {command}`" if command else "`loralab` without a subcommand"
+        return {}, f"allocator: the C library's ({what} trains nothing)"
+    if not devices.device_defaults("cuda" if gpu else "cpu").tcmalloc:
+        return {}, ("allocator: the C library's (GPU host: tcmalloc is measured for CPU "
+                    "training only)")
     if library is None:
         return {}, ("allocator: the C library's (tcmalloc not found; install "
                     "libtcmalloc-minimal4: less memory and fewer page faults in CPU training)")
-    if not is_loralab_command(argv):
-        return {}, "allocator: the C library's (loralab's CLI called from another program)"
     changes = {PRELOAD_VARIABLE: str(library)}
     changes |= {k: v for k, v in ALLOCATOR_ENVIRONMENT.items() if k not in environ}
     return changes, f"allocator: tcmalloc ({library})"
 
 
-def command_environment(environ: Mapping[str, str], argv: Sequence[str] = ("loralab",)
-                        ) -> dict[str, str]:
+def command_environment(environ: Mapping[str, str],
+                        argv: Sequence[str] = ("loralab", "train")) -> dict[str, str]:
     """The environment the `loralab` command runs training in, starting from `environ`:
     tcmalloc preloaded where `allocator_plan` allows, then the huge-page decision. For
     launching a process that stands for a `loralab` run (the benchmarks)."""
-    changes, _ = allocator_plan(environ, sys.platform, find_allocator(), argv)
+    changes, _ = allocator_plan(environ, sys.platform, find_allocator(), argv,
+                                gpu=devices.gpu_host(environ))
     env = dict(environ) | changes
     enable_huge_pages(env, {}, thp_mode())
     return env
@@ -180,7 +198,8 @@ def preload_allocator() -> str:
     """Re-execute this `loralab` command with tcmalloc preloaded when `allocator_plan` says so
     (this call then does not return: the same process id starts over with the same arguments);
     otherwise return the decision's line. The CLI calls it first thing, before torch loads."""
-    changes, line = allocator_plan(os.environ, sys.platform, find_allocator(), sys.argv)
+    changes, line = allocator_plan(os.environ, sys.platform, find_allocator(), sys.argv,
+                                   gpu=devices.gpu_host(os.environ))
     if changes:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -6,7 +6,8 @@ averaging batch means (a batch of 3 tokens must not weigh as much as one of 300)
 label is -100 (padding, prompts, masked tokens) are ignored.
 
 Generation metrics (BLEU, NIST, METEOR, ROUGE, CIDEr, chrF, TER) are in `loralab.e2e_metrics`;
-decoding is in `loralab.decode`.
+decoding is in `loralab.decode`; classification scores are scikit-learn's
+(`loralab.train.classification_scores`).
 """
 
 from __future__ import annotations
@@ -164,67 +165,3 @@ def lambada_scores(model: torch.nn.Module, tokenizer, texts: Sequence[str], *,
     n = len(pairs)
     return {"accuracy": correct / n, "perplexity": math.exp(word_nll / n),
             "token_perplexity": math.exp(word_nll / token_count), "n": n}
-
-
-# --------------------------------------------------------------------------- classification
-
-
-def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int],
-                     labels: Sequence[int] | None = None) -> list[list[int]]:
-    """counts[i][j] = examples of true class labels[i] predicted as labels[j] (scikit-learn's
-    orientation); labels default to the sorted union of both sequences."""
-    labels = sorted(set(y_true) | set(y_pred)) if labels is None else list(labels)
-    index = {label: i for i, label in enumerate(labels)}
-    counts = [[0] * len(labels) for _ in labels]
-    for t, p in zip(y_true, y_pred):
-        if t in index and p in index:
-            counts[index[t]][index[p]] += 1
-    return counts
-
-
-def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
-    """Precision, recall, F1 with 0 where undefined (scikit-learn's zero_division=0)."""
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    return precision, recall, f1
-
-
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], *,
-                           labels: Sequence[int] | None = None, positive: int = 1
-                           ) -> dict[str, float | list[list[int]]]:
-    """Accuracy, precision/recall/F1 (binary and macro) and the confusion matrix.
-
-    `precision`, `recall`, `f1` are for class `positive` when there are at most two classes
-    (scikit-learn average="binary"), else the macro averages. `*_macro` are unweighted means
-    over `labels` (default: classes seen in either sequence). Undefined ratios count as 0, as
-    scikit-learn's zero_division=0. Equal to scikit-learn (tested).
-    """
-    y_true, y_pred = list(y_true), list(y_pred)
-    if len(y_true) != len(y_pred):
-        raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")
-    if not y_true:
-        raise ValueError("classification metrics need at least one example")
-    labels = sorted(set(y_true) | set(y_pred)) if labels is None else list(labels)
-    matrix = confusion_matrix(y_true, y_pred, labels)
-    per_class = []
-    for i in range(len(labels)):
-        tp = matrix[i][i]
-        fp = sum(matrix[r][i] for r in range(len(labels))) - tp
-        fn = sum(matrix[i]) - tp
-        per_class.append(_prf(tp, fp, fn))
-    k = len(labels)
-    macro = [sum(c[m] for c in per_class) / k for m in range(3)]
-    result: dict[str, float | list[list[int]]] = {
-        "accuracy": sum(t == p for t, p in zip(y_true, y_pred)) / len(y_true),
-        "precision_macro": macro[0], "recall_macro": macro[1], "f1_macro": macro[2],
-    }
-    if k <= 2:
-        tp = sum(t == positive and p == positive for t, p in zip(y_true, y_pred))
-        fp = sum(t != positive and p == positive for t, p in zip(y_true, y_pred))
-        fn = sum(t == positive and p != positive for t, p in zip(y_true, y_pred))
-        binary = _prf(tp, fp, fn)
-    else:
-        binary = tuple(macro)
-    result.update(precision=binary[0], recall=binary[1], f1=binary[2], confusion_matrix=matrix)
-    return result

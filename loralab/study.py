@@ -49,7 +49,7 @@ TASKS = ("lm", "classify", "generate")
 PRESETS = ("qv", "attn", "attn-proj", "attn-proj-ffn", "all")
 
 STUDY_FIELDS = ("name", "description", "model", "task", "data", "eval", "budget", "seeds",
-                "strategies", "published", "train_options", "num_labels")
+                "strategies", "published", "train_options", "num_labels", "report_to")
 DATA_FIELDS = ("name", "fraction", "options")
 EVAL_FIELDS = ("name", "data", "split", "max_examples", "options", "generate")
 GENERATE_FIELDS = ("max_examples", "max_new_tokens", "num_beams", "length_penalty",
@@ -154,6 +154,8 @@ class Study:
     description: str = ""
     path: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    report_to: tuple[str, ...] | None = None
+    """Trackers of every run (loralab.tracking; None: TrainConfig's default, TensorBoard)."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,13 @@ class RunSpec:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    """The identity of a run's computation: a finished run with the same hash is reused. The
+    tracking settings (`tracking.TRACKING_FIELDS`: where results are reported) are left out,
+    so turning W&B or MLflow on does not re-train finished runs."""
+    from loralab.tracking import TRACKING_FIELDS
+
+    kept = {k: v for k, v in config.items() if k not in TRACKING_FIELDS}
+    blob = json.dumps(kept, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -183,7 +191,8 @@ class _Checker:
 
     def fail(self, where: dict | None, key: str | None, msg: str) -> None:
         line = getattr(where, "lines", {}).get(key) if where is not None and key else None
-        loc = f"{self.source}:{line}" if line else self.source
+        # a key set on the command line names its override instead of a file line
+        loc = line if isinstance(line, str) else f"{self.source}:{line}" if line else self.source
         raise UserError(f"{loc}: {msg}")
 
     def fields(self, obj: Any, valid: tuple[str, ...], what: str) -> dict:
@@ -245,17 +254,20 @@ def bundled_studies() -> dict[str, Path]:
     return out
 
 
-def load_study(path: str | os.PathLike) -> Study:
-    """Read and strictly validate a study file. Raises UserError with file:line on bad input."""
+def load_study(path: str | os.PathLike, overrides: tuple[str, ...] | list[str] = ()) -> Study:
+    """Read and strictly validate a study file. Raises UserError with file:line on bad input.
+    `overrides` (`budget.max_steps=5`, ...; `loralab.overrides`) change the parsed mapping
+    before validation, so they are checked exactly as the file is."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot read study file {path}: {exc.strerror}; check the path") from None
-    return parse_study(text, source=str(path))
+    return parse_study(text, source=str(path), overrides=overrides)
 
 
-def parse_study(text: str, source: str = "<study>") -> Study:
+def parse_study(text: str, source: str = "<study>",
+                overrides: tuple[str, ...] | list[str] = ()) -> Study:
     try:
         raw = yaml.load(text, Loader=_LineLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
@@ -268,6 +280,10 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     if not isinstance(raw, dict):
         ck.fail(None, None, "a study file must be a YAML mapping with fields "
                 f"{', '.join(STUDY_FIELDS)}")
+    if overrides:
+        from loralab.overrides import apply_overrides
+
+        raw = apply_overrides(raw, overrides)
     ck.fields(raw, STUDY_FIELDS, "the study")
     for key in ("name", "model", "task", "data", "eval", "strategies"):
         if raw.get(key) in (None, "", []):
@@ -429,12 +445,20 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     if not isinstance(train_options, dict):
         ck.fail(raw, "train_options", "train_options must be a mapping of TrainConfig fields")
     num_labels = ck.number(raw, "num_labels", "the study", kind=int, minimum=2)
+    report_to = None
+    if raw.get("report_to") is not None:
+        from loralab.tracking import parse_report_to
+
+        try:
+            report_to = parse_report_to(raw["report_to"])
+        except UserError as exc:
+            ck.fail(raw, "report_to", str(exc))
     return Study(name=name, model=str(raw["model"]), task=task, data=data,
                  data_fraction=fraction, data_options=data_options, eval=tuple(evals),
                  budget=budget, seeds=seeds, strategies=tuple(strategies), published=published,
                  train_options=_plain(train_options), num_labels=num_labels,
                  description=str(raw.get("description") or "").strip(), path=source,
-                 raw=_plain(raw))
+                 raw=_plain(raw), report_to=report_to)
 
 
 # ----------------------------------------------------------------------------- the run matrix
@@ -482,6 +506,11 @@ def run_config(study: Study, strategy: Strategy, seed: int, run_dir: Path) -> di
         config["preset"] = ",".join(strategy.targets)
     config.update(study.train_options)
     config.update(strategy.options)
+    # where results are reported (outside the config hash): W&B groups and the MLflow
+    # experiment by study, one MLflow store in the study's output directory (OUT/runs/RUN)
+    config.update(tracking_group=study.name, tracking_dir=str(run_dir.parent.parent))
+    if study.report_to is not None:
+        config["report_to"] = list(study.report_to)
     return config
 
 
@@ -683,6 +712,9 @@ def default_run_fn(config: dict[str, Any], resume: bool) -> dict[str, Any]:
             model, tokenizer, _ = load_run_model(tc.out)
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
+        from loralab.generations import FILENAME
+
+        (Path(tc.out) / FILENAME).unlink(missing_ok=True)  # generation_scores appends to it
         for ev in gens:
             scores = generation_scores(model, tokenizer, task_data, ev, config, timings=timings)
             record["metrics"].setdefault(ev["name"], {}).update(scores)
@@ -729,7 +761,8 @@ def decode_config(gen: dict[str, Any]):
 
 
 def generate_hypotheses(model, tokenizer, prompts: list[str | list[int]], task: str,
-                        gen: dict[str, Any], *, batch_size: int = 8) -> list[str]:
+                        gen: dict[str, Any], *, batch_size: int = 8,
+                        progress: str | None = None) -> list[str]:
     """Decode the prompts with `loralab.decode.generate_texts` (left-padded batches, stop at
     EOS; batched decoding gives the same tokens as one prompt at a time). For `generate` the
     hypothesis is the first line of the output (one sentence per MR, as the E2E scripts read
@@ -737,7 +770,7 @@ def generate_hypotheses(model, tokenizer, prompts: list[str | list[int]], task: 
     from loralab.decode import generate_texts
 
     texts = generate_texts(model, tokenizer, prompts, config=decode_config(gen),
-                           batch_size=batch_size)
+                           batch_size=batch_size, progress=progress)
     if task == "generate":
         texts = [t.split("\n")[0].strip() for t in texts]
     return texts
@@ -748,7 +781,8 @@ def generation_scores(model, tokenizer, task_data, ev: dict[str, Any], config: d
     """Decode the eval set's prompts and score them against its references with the E2E
     scorers (loralab.e2e_metrics): mteval BLEU/NIST, METEOR, ROUGE_L, CIDEr (when Java is
     installed), sacreBLEU, chrF, TER, ROUGE-1/2/L. `timings` (if given) accumulates
-    decode_seconds and score_seconds, the two costs of a generation evaluation."""
+    decode_seconds and score_seconds, the two costs of a generation evaluation. The texts are
+    appended to RUN/generations.jsonl (loralab.generations) when the config names its run."""
     import shutil
 
     from loralab import e2e_metrics
@@ -758,12 +792,18 @@ def generation_scores(model, tokenizer, task_data, ev: dict[str, Any], config: d
     if not pairs:
         raise UserError(f"eval set '{ev['name']}': no examples to generate from")
     t0 = time.perf_counter()
-    hyps = generate_hypotheses(model, tokenizer, [p for p, _ in pairs], config["task"], gen)
+    hyps = generate_hypotheses(model, tokenizer, [p for p, _ in pairs], config["task"], gen,
+                               progress=f"decoding, {ev['name']}")
     t1 = time.perf_counter()
     java = bool(gen.get("java", True)) and shutil.which("java") is not None
     refs = [r for _, r in pairs]
     hyps = [h if h.strip() else "." for h in hyps]  # an empty output still counts, as a miss
-    scores = e2e_metrics.score_e2e(refs, hyps, java=java)
+    if config.get("out"):  # kept for reading and rescoring (`loralab score --generations`)
+        from loralab.generations import FILENAME, append_generations
+
+        append_generations(Path(config["out"]) / FILENAME, ev["name"], ev.get("split") or "test",
+                           [p for p, _ in pairs], refs, hyps, tokenizer)
+    scores = e2e_metrics.score_e2e(refs, hyps, java=java, progress=f"scoring, {ev['name']}")
     if timings is not None:
         timings["decode_seconds"] = timings.get("decode_seconds", 0.0) + t1 - t0
         timings["score_seconds"] = (timings.get("score_seconds", 0.0)
@@ -779,8 +819,11 @@ def check_configs(study: Study, out_dir: Path) -> None:
 
 
 def run_study(study: Study, out_dir: str | os.PathLike, *, run_fn: RunFn | None = None,
-              progress: Callable[[str], None] = print, db=None) -> list[dict[str, Any]]:
-    """Run every missing run of the study; return the rows of all its runs.
+              progress: Callable[[str], None] = print, db=None,
+              bar: bool = False) -> list[dict[str, Any]]:
+    """Run every missing run of the study; return the rows of all its runs. `bar`: also show
+    the runs done of those to run, with the elapsed time, on stderr (`loralab.progress`: a
+    bar on a terminal, a plain line after each run otherwise).
 
     Each run's row goes `running` -> `finished` | `failed`; an interrupted run stays `running`
     (or `interrupted`) and is resumed next time. A failed run does not stop the study; a
@@ -802,7 +845,11 @@ def run_study(study: Study, out_dir: str | os.PathLike, *, run_fn: RunFn | None 
         progress(f"study '{study.name}': {len(actions)} runs ({len(study.strategies)} strategies"
                  f" x {len(study.seeds)} seeds), {len(actions) - todo} finished, {todo} to run;"
                  f" output {out_dir}")
+        from loralab.progress import Progress
+
         t_study = time.perf_counter()
+        shown = Progress(f"study {study.name}", todo, "run", "runs", enabled=bar and todo > 0,
+                         lines=todo)
         for i, (spec, action) in enumerate(actions, 1):
             head = f"[{i}/{len(actions)}] {spec.strategy} seed {spec.seed}"
             if action == "skip":
@@ -812,6 +859,7 @@ def run_study(study: Study, out_dir: str | os.PathLike, *, run_fn: RunFn | None 
                 record = _read_record(spec.run_dir) or {}
                 db.record_run(spec, record, status="finished")
                 progress(f"{head}: finished earlier (record.json), added to the database")
+                shown.update()
                 continue
             progress(f"{head}: {'resuming from checkpoint' if action == 'resume' else 'training'}"
                      f" ({_describe(spec.config)}) ...")
@@ -826,6 +874,7 @@ def run_study(study: Study, out_dir: str | os.PathLike, *, run_fn: RunFn | None 
                 if type(exc).__name__ != "TrainingDiverged":  # a NaN is this run's problem
                     raise
                 progress(f"{head}: FAILED: {exc}")
+                shown.update()
                 continue
             except KeyboardInterrupt:
                 db.set_status(spec.run_id, "interrupted")
@@ -835,12 +884,15 @@ def run_study(study: Study, out_dir: str | os.PathLike, *, run_fn: RunFn | None 
                 db.set_status(spec.run_id, "failed", error=msg,
                               traceback_text=traceback.format_exc())
                 progress(f"{head}: FAILED after {time.perf_counter() - t0:.0f} s: {msg}")
+                shown.update()
                 continue
             record = dict(record or {})
             status = record.get("status") or "finished"
             db.record_run(spec, record, status=status)
             progress(f"{head}: {status} in {time.perf_counter() - t0:.0f} s"
                      f"{_headline(record)}")
+            shown.update()
+        shown.close()
         progress(f"study '{study.name}' done in {time.perf_counter() - t_study:.0f} s")
         return db.list_runs(study=study.name)
     finally:

@@ -68,11 +68,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralab import batching, compiling, measure
 from loralab import checkpoint as ckpt
-from loralab import compiling, measure
 from loralab.attention import use_dropout_attention
+from loralab.batching import epoch_order, target_count  # noqa: F401  (epoch_order re-exported)
 from loralab.compiling import COMPILE_SETTINGS
 from loralab.data import subsample
+from loralab.devices import device_defaults
 from loralab.dropout import seeded_dropouts
 from loralab.errors import UserError
 from loralab.lean_mlp import lean_mlps
@@ -178,8 +180,15 @@ class TrainConfig:
     """Run directory: record.json, tb/, checkpoints/, adapter/ or model/ or head/."""
     num_labels: int = 2
     """Classes for classify."""
-    wandb: bool = False
-    """Also log to Weights & Biases (needs `pip install wandb`)."""
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """Trackers that get the curves, final metrics and costs: tensorboard, wandb, mlflow (the
+    last two need `pip install 'loralab[tracking]'`), or none; see loralab.tracking. Like
+    tracking_group and tracking_dir it is never part of a study's config hash."""
+    tracking_group: str = ""
+    """W&B group and MLflow experiment of the run (a study sets its name)."""
+    tracking_dir: str = ""
+    """Where the local MLflow store (mlflow.db) goes when MLFLOW_TRACKING_URI is unset:
+    default the run directory; a study sets its output directory (one store per study)."""
     keep_best: bool = True
     """Restore the weights with the best validation loss before the final evaluation."""
     log_every: int = 0
@@ -189,6 +198,9 @@ class TrainConfig:
         if isinstance(self.eval_data, (list, str)):
             value = (self.eval_data,) if isinstance(self.eval_data, str) else self.eval_data
             object.__setattr__(self, "eval_data", tuple(value))
+        from loralab.tracking import parse_report_to
+
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to))
         checks = [
             (self.method in METHODS, f"unknown method {self.method!r}; choose one of "
                                      f"{', '.join(METHODS)}"),
@@ -226,6 +238,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["eval_data"] = list(self.eval_data)
+        d["report_to"] = list(self.report_to)
         return d
 
 
@@ -270,6 +283,13 @@ def make_config(values: dict[str, Any] | None = None, **overrides: Any) -> Train
     merged = dict(values or {})
     merged.update({k.replace("-", "_"): v for k, v in overrides.items() if v is not None})
     merged = {k.replace("-", "_"): v for k, v in merged.items()}
+    if "wandb" in merged:  # the old switch (records, configs before report_to): W&B on or off
+        from loralab.tracking import parse_report_to
+
+        on = merged.pop("wandb")
+        on = on.lower() in ("1", "true", "yes", "on") if isinstance(on, str) else bool(on)
+        kept = parse_report_to(merged.get("report_to", ("tensorboard",)))
+        merged["report_to"] = kept + ("wandb",) * (on and "wandb" not in kept)
     valid = config_fields()
     unknown = sorted(set(merged) - set(valid))
     if unknown:
@@ -362,8 +382,12 @@ def _lora_targets(preset: str) -> str | tuple[str, ...]:
     return tuple(p for p in preset.split(",") if p) if "," in preset else preset
 
 
-def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
-    """Make exactly the strategy's parameters trainable (in place). Returns notes."""
+def prepare_model(model: nn.Module, config: TrainConfig, device_type: str = "cpu") -> list[str]:
+    """Make exactly the strategy's parameters trainable (in place). Returns notes.
+
+    `device_type` is where the run trains: the CPU-measured speed-ups (lean MLPs, seeded
+    dropout, the seeded-dropout attention) are installed only where `devices.device_defaults`
+    allows them, so on CUDA the model keeps SDPA (flash / memory-efficient) and nn.Dropout."""
     notes: list[str] = []
     if config.method in ("qat-lora", "qlora", "lora-ptq"):
         from loralab.quant import prepare_method
@@ -390,15 +414,19 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> list[str]:
         if config.method == "lora-head":
             for p in head_parameters(model):  # in the optimizer from the start
                 p.requires_grad_(True)
+    speedups = device_defaults(device_type)
     if config.method == "full" or config.method in LORA_METHODS:
         # frozen MLPs store less for backward (SwiGLU 2 of 3 activations, GPT-2 1 of 4); a
         # projection that trains or carries an adapter takes the plain path, where GPT-2's MLP
         # still runs the fused GELU in training (loralab.lean_mlp)
-        lean_mlps(model)
+        if speedups.lean_mlps:
+            lean_mlps(model)
         # the model's own dropout (GPT-2, BERT: p = 0.1) with the cheap seeded masks, and
         # attention dropout without SDPA's math path (loralab.dropout, loralab.attention)
-        seeded_dropouts(model)
-        use_dropout_attention(model)
+        if speedups.seeded_dropout:
+            seeded_dropouts(model)
+        if speedups.seeded_dropout_attention:
+            use_dropout_attention(model)
     note = head_note(model, config)
     return notes + ([note] if note else [])
 
@@ -511,19 +539,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of one epoch: a permutation seeded by (seed, epoch) only."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def target_count(labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Positions that contribute to the loss: shifted non-ignored tokens, or examples."""
-    if task == "classify":
-        return torch.tensor(labels.shape[0], dtype=torch.float64)
-    return (labels[..., 1:] != -100).sum().to(torch.float64)
-
-
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str,
              label_smoothing: float = 0.0) -> torch.Tensor:
     """Summed cross-entropy over target positions (fp32).
@@ -546,7 +561,9 @@ def _forward_logits(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch on `device`; the copies are asynchronous from pinned host memory (CUDA)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def resolve_precision(requested: str, device: torch.device | str, *,
@@ -603,12 +620,31 @@ def _autocast(config: TrainConfig, device: torch.device):
 # --- evaluation ---------------------------------------------------------------------------
 
 def classification_scores(preds: list[int], labels: list[int], num_labels: int) -> dict:
-    """Accuracy and precision/recall/F1 (binary for 2 classes, macro otherwise) and the macro
-    averages, from loralab.metrics (equal to scikit-learn); the confusion matrix is dropped."""
-    from loralab.metrics import classification_metrics
+    """Accuracy, precision/recall/F1 and their macro averages, by scikit-learn.
 
-    scores = classification_metrics(labels, preds, labels=range(num_labels))
-    return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+    `precision`, `recall`, `f1` are for class 1 (average="binary") with 2 classes, else the
+    macro averages; `*_macro` are unweighted means over all `num_labels` classes, including
+    classes absent from both labels and predictions. A ratio with a zero denominator counts as
+    0 (zero_division=0), so an empty class lowers the macro average instead of raising a warning.
+    """
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    if len(preds) != len(labels):
+        raise ValueError(f"{len(labels)} labels but {len(preds)} predictions")
+    if not labels:
+        raise ValueError("classification scores need at least one example")
+    classes = list(range(num_labels))
+    macro = precision_recall_fscore_support(labels, preds, labels=classes, average="macro",
+                                            zero_division=0)[:3]
+    if num_labels == 2:
+        main = precision_recall_fscore_support(labels, preds, labels=classes, average="binary",
+                                               pos_label=1, zero_division=0)[:3]
+    else:
+        main = macro
+    scores = {"accuracy": accuracy_score(labels, preds), "precision_macro": macro[0],
+              "recall_macro": macro[1], "f1_macro": macro[2], "precision": main[0],
+              "recall": main[1], "f1": main[2]}
+    return {k: float(v) for k, v in scores.items()}
 
 
 def eval_batch_size(config: TrainConfig) -> int:
@@ -686,44 +722,37 @@ def evaluate(model: nn.Module, dataset, collate_fn, config: TrainConfig,
 # --- logging ------------------------------------------------------------------------------
 
 class Logger:
-    """TensorBoard (+ optional wandb) scalars and the progress display; no-op off rank 0."""
+    """Scalars to the chosen trackers (`config.report_to`: TensorBoard by default, W&B,
+    MLflow; loralab.tracking) and the progress display; a no-op off rank 0."""
 
     def __init__(self, config: TrainConfig, out: Path, total_steps: int, start_step: int,
                  run_id: str, enabled: bool) -> None:
         self.enabled = enabled
         self.total = total_steps
-        self.tb = None
-        self.wandb = None
+        self.trackers: list = []
         self.bar = None
         self.t0 = time.perf_counter()
         self.start_step = start_step
         self.every = config.log_every or max(1, total_steps // 20)
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
+        from loralab.tracking import open_trackers
 
-        # purge_step drops events a killed run logged after its last checkpoint
-        self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
-        if config.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("wandb is not installed; pip install wandb (or "
-                                "pip install 'loralab[wandb]'), or drop --wandb") from None
-            self.wandb = wandb.init(project="loralab", name=run_id, config=config.to_dict(),
-                                    dir=str(out), resume="allow", id=run_id)
+        self.trackers = open_trackers(config.report_to, run_id=run_id, out=out,
+                                      start_step=start_step, params=_hparams(config),
+                                      group=config.tracking_group,
+                                      tracking_dir=config.tracking_dir)
         if sys.stderr.isatty() and total_steps > 0:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        for tracker in self.trackers:
+            if getattr(tracker, "note", ""):
+                self.message(tracker.note)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        for k, v in values.items():
-            self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
+        for tracker in self.trackers:
+            tracker.log(step, values)
 
     def progress(self, step: int, loss: float, lr: float, tps: float) -> None:
         if not self.enabled:
@@ -745,17 +774,14 @@ class Logger:
              lambda s: print(s, file=sys.stderr, flush=True))(text)
 
     def close(self, hparams: dict | None = None, metrics: dict | None = None) -> None:
+        """End every tracker: with the run's parameters and final values (metrics and costs,
+        `tracking.final_values`) when it finished, as failed when `metrics` is None."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.close()
-        if hparams is not None and metrics:
-            self.tb.add_hparams(hparams, metrics, run_name="hparams")
-        self.tb.close()
-        if self.wandb is not None:
-            if metrics:
-                self.wandb.summary.update(metrics)
-            self.wandb.finish()
+        for tracker in self.trackers:
+            tracker.finish(hparams or {}, metrics or {}, metrics is not None)
 
 
 def _hparams(config: TrainConfig) -> dict:
@@ -860,7 +886,10 @@ def _fault(name: str) -> int | None:
 def _step_module(model: nn.Module, config: TrainConfig, d: Dist) -> nn.Module:
     """What a training forward calls: for causal LMs the fused-loss module (the loss from
     hidden states in chunks, no N x V logits), otherwise the model. Under FSDP this module
-    becomes the sharding root (`_FSDPRoot`), so the head's gathered weight is what it reads."""
+    becomes the sharding root (`_FSDPRoot`), so the head's gathered weight is what it reads.
+    The fused loss is a device-neutral memory saving (`devices.device_defaults`: on everywhere)."""
+    if not device_defaults(d.device.type).fused_loss:
+        return model
     loss = _fused_lm_loss(model, config, config.label_smoothing)
     return model if loss is None else loss
 
@@ -1105,7 +1134,7 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
         loaded, task_data, data_seconds = load_pieces(config)
     model: nn.Module = loaded.model
     notes = list(getattr(loaded, "notes", ()))
-    notes += prepare_model(model, config)
+    notes += prepare_model(model, config, d.device.type)
     model.to(d.device)
     if config.grad_checkpointing and config.method != "none":
         if not hasattr(model, "gradient_checkpointing_enable"):
@@ -1269,18 +1298,23 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
     wrapped, mode = (_wrap(step_module, config, d, mode) if config.method != "none"
                      else (model, "eval"))
     record["env"]["parallel"] = mode
-    order: torch.Tensor | None = None
-    order_epoch = -1
-    part = config.batch_size // d.world
+    # the steps' micro-batches in the run's data order (loralab.batching), read and collated
+    # by the DataLoader: workers and pinned memory as loralab.devices decides for this device
+    loading = device_defaults(d.device.type)
+    micro_batches = iter(batching.training_loader(
+        train_set if train_set is not None else [],
+        batching.StepBatchSampler(len(train_set) if train_set is not None else 0, config.seed,
+                                  config.batch_size, config.grad_accum, steps_per_epoch,
+                                  state.epoch, state.step_in_epoch, total_steps - state.step),
+        batching.StepCollate(collate, config.task, d.rank, d.world),
+        workers=loading.loader_workers, pin_memory=loading.pin_memory)) \
+        if state.step < total_steps else iter(())
     model.train()
     try:
         while state.step < total_steps:
             if state.step_in_epoch >= steps_per_epoch:
                 state.epoch += 1
                 state.step_in_epoch = 0
-            if order_epoch != state.epoch:
-                order, order_epoch = epoch_order(len(train_set), config.seed, state.epoch), \
-                    state.epoch
             if config.method == "lora-head" and phase == "lora" and state.step >= head_start:
                 phase = "head"
                 set_phase(model, config, phase)
@@ -1288,21 +1322,11 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
                     wrapped, mode = _wrap(step_module, config, d, mode)
                 logger.message(f"step {state.step}: adapters frozen, training the head only")
             t0 = time.perf_counter()
-            start = state.step_in_epoch * global_batch
-            step_idx = order[start:start + global_batch].tolist()
-            micro = [step_idx[k * config.batch_size:(k + 1) * config.batch_size]
-                     for k in range(config.grad_accum)]
-            batches = []
-            t_step = 0.0  # every process knows the whole step: T_step needs no communication
-            step_tokens = 0
-            for m in micro:
-                rows = [train_set[i] for i in m]
-                whole = collate(rows)
-                t_step += float(target_count(whole["labels"], config.task))
-                mask = whole.get("attention_mask")
-                step_tokens += int(mask.sum()) if mask is not None else whole["input_ids"].numel()
-                batches.append(whole if d.world == 1 else
-                               collate(rows[d.rank * part:(d.rank + 1) * part]))
+            micro = [next(micro_batches) for _ in range(config.grad_accum)]
+            batches = [m["batch"] for m in micro]
+            # every process knows the whole step: T_step needs no communication
+            t_step = sum(m["targets"] for m in micro)
+            step_tokens = sum(m["tokens"] for m in micro)
             step_loss = torch.zeros((), dtype=torch.float64)
             body_frozen = frozen_body(model, heads) if (
                 config.method == "head" or phase == "head") else nullcontext()
@@ -1471,9 +1495,9 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
             record["costs"]["latency_ms"] = q["latency"]["merged"]["median_ms"]
     record.update(status="finished", metrics=metrics, curves=state.curves, notes=notes)
     if d.main:
-        final = {f"hparam/{split}_{k}": float(v) for split, m in metrics.items()
-                 for k, v in m.items() if isinstance(v, (int, float)) and k != "targets"}
-        logger.close(_hparams(config), final)
+        from loralab.tracking import final_values
+
+        logger.close(_hparams(config), final_values(metrics, record["costs"]))
         ckpt.atomic_write_json(record_path, record)
     _barrier(d)
     return record
@@ -1608,5 +1632,6 @@ def evaluate_saved(*, run_dir: str | os.PathLike | None = None, model: str | Non
                         f"{', '.join(task_data.splits)}")
     net.eval()
     config = with_resolved_precision(config, "cpu")  # evaluate() runs on its default device
-    return {s: evaluate(net, task_data.splits[s], task_data.collate_fn, config)
+    return {s: evaluate(net, task_data.splits[s], task_data.collate_fn, config,
+                        progress=f"evaluation, {s}")
             for s in wanted}

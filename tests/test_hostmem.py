@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loralab import hostmem
+from loralab import devices, hostmem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,25 +188,31 @@ def test_command_environment_is_what_the_command_gets():
 _COMMAND_PROBE = """
 import os, sys
 sys.argv[0] = "/venv/bin/loralab"            # stands for the console script
+sys.argv[1:] = os.environ["PROBE_ARGS"].split()  # e.g. `train --help`: prints help, exits 0
 from loralab import cli, hostmem
 print("pid", os.getpid(), flush=True)          # printed by the first and the re-executed run
-cli.main()                                     # no COMMAND: prints the help, returns 0
+try:
+    cli.main()
+except SystemExit:
+    pass
 print("ALLOC=" + hostmem.allocator_in_use(), "THP=" + os.environ.get("THP_MEM_ALLOC_ENABLE", "-"))
 """
 
 
-def _command(**extra: str) -> list[str]:
+def _command(args: str = "train --help", **extra: str) -> list[str]:
     done = subprocess.run([sys.executable, "-c", _COMMAND_PROBE], capture_output=True,
-                          text=True, env=_cli_env(**extra), timeout=120)
+                          text=True, env=_cli_env(PROBE_ARGS=args, **extra), timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines()
 
 
 @pytest.mark.skipif(hostmem.find_allocator() is None or not sys.platform.startswith("linux"),
                     reason="tcmalloc is not installed (Debian/Ubuntu: libtcmalloc-minimal4)")
+@pytest.mark.skipif(devices.gpu_host(os.environ), reason="a GPU host keeps the C allocator")
 def test_the_command_restarts_itself_with_tcmalloc_mapped():
     """A real process: the command re-executes itself (same pid, so torchrun and shells still
-    see one process), and the kernel's map of the new image holds tcmalloc."""
+    see one process), and the kernel's map of the new image holds tcmalloc. Only a training
+    subcommand restarts: `runs` (no training) keeps the process and the C allocator."""
     lines = _command()
     pids = [line for line in lines if line.startswith("pid")]
     assert len(pids) == 2 and pids[0] == pids[1], lines
@@ -214,6 +220,24 @@ def test_the_command_restarts_itself_with_tcmalloc_mapped():
     lines = _command(LORALAB_ALLOCATOR="system")
     assert len([line for line in lines if line.startswith("pid")]) == 1
     assert lines[-1].startswith("ALLOC=system")
+    lines = _command("runs --help")
+    assert len([line for line in lines if line.startswith("pid")]) == 1, lines
+    assert lines[-1].startswith("ALLOC=system")
+
+
+@pytest.mark.parametrize(("argv", "gpu", "reason"), [
+    (["/venv/bin/loralab", "setup"], False, "`loralab setup` trains nothing"),
+    (["/venv/bin/loralab", "report", "out"], False, "`loralab report` trains nothing"),
+    (["/venv/bin/loralab", "--help"], False, "without a subcommand"),
+    (["/venv/bin/loralab", "train", "--method", "lora"], True, "GPU host"),
+    (["/venv/bin/loralab", "compare"], True, "GPU host"),
+])
+def test_plan_restarts_only_cpu_training_commands(argv, gpu, reason):
+    """Issue 22: tcmalloc (a CPU-measured speed-up) is preloaded for `train` and `compare` on a
+    host without a GPU only; the old code restarted every subcommand on every host."""
+    changes, line = hostmem.allocator_plan({}, "linux", LIB, argv, gpu=gpu)
+    assert changes == {} and reason in line and "\n" not in line
+    assert hostmem.allocator_plan({}, "linux", LIB, [argv[0], "compare"])[0]  # CPU: preloaded
 
 
 def test_library_callers_are_never_re_executed():

@@ -9,11 +9,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny_gpt2
-from sklearn import metrics as skm
 
-from loralab.metrics import (bits_per_byte, classification_metrics, confusion_matrix,
-                             evaluate_lm, lambada_scores, perplexity, strided_perplexity,
-                             token_nll_sum, word_perplexity)
+from loralab.metrics import (
+    bits_per_byte,
+    evaluate_lm,
+    lambada_scores,
+    perplexity,
+    strided_perplexity,
+    token_nll_sum,
+    word_perplexity,
+)
+from loralab.train import classification_scores
 
 
 def _naive_token_nlls(model, ids: list[int]) -> list[float]:
@@ -229,30 +235,42 @@ def test_lambada_against_naive_greedy():
     assert res["token_perplexity"] == pytest.approx(math.exp(nll / ntok), rel=1e-6)
 
 
+def _naive_prf(y: list[int], p: list[int], cls: int) -> tuple[float, float, float]:
+    """Precision, recall, F1 of one class by counting; 0 where a denominator is 0."""
+    tp = sum(t == cls and q == cls for t, q in zip(y, p))
+    fp = sum(t != cls and q == cls for t, q in zip(y, p))
+    fn = sum(t == cls and q != cls for t, q in zip(y, p))
+    return (tp / (tp + fp) if tp + fp else 0.0, tp / (tp + fn) if tp + fn else 0.0,
+            2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+
+
 @pytest.mark.parametrize("n_classes,seed", [(2, 0), (2, 1), (3, 2), (5, 3)])
-def test_classification_equals_sklearn(n_classes, seed):
+def test_classification_scores_equal_naive_counts(n_classes, seed):
     rng = random.Random(seed)
     y = [rng.randrange(n_classes) for _ in range(200)]
     p = [t if rng.random() < 0.6 else rng.randrange(n_classes) for t in y]
-    got = classification_metrics(y, p)
-    assert got["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
-    for name, fn in (("precision", skm.precision_score), ("recall", skm.recall_score),
-                     ("f1", skm.f1_score)):
-        assert got[f"{name}_macro"] == pytest.approx(fn(y, p, average="macro", zero_division=0))
-        average = "binary" if n_classes == 2 else "macro"
-        assert got[name] == pytest.approx(fn(y, p, average=average, zero_division=0))
-    assert got["confusion_matrix"] == skm.confusion_matrix(y, p).tolist()
+    got = classification_scores(p, y, n_classes)
+    per_class = [_naive_prf(y, p, c) for c in range(n_classes)]
+    macro = [sum(c[m] for c in per_class) / n_classes for m in range(3)]
+    main = per_class[1] if n_classes == 2 else macro  # binary: class 1 is the positive class
+    # sums of at most 5 ratios of small integers: exact up to float rounding
+    assert got["accuracy"] == sum(t == q for t, q in zip(y, p)) / len(y)
+    for m, name in enumerate(("precision", "recall", "f1")):
+        assert got[f"{name}_macro"] == pytest.approx(macro[m], abs=1e-12)
+        assert got[name] == pytest.approx(main[m], abs=1e-12)
 
 
-def test_classification_degenerate_cases_equal_sklearn():
-    y, p = [0, 0, 0, 1], [0, 0, 0, 0]  # positive class never predicted: precision undefined
-    got = classification_metrics(y, p)
-    assert got["precision"] == skm.precision_score(y, p, zero_division=0) == 0.0
-    assert got["f1_macro"] == pytest.approx(skm.f1_score(y, p, average="macro",
-                                                         zero_division=0))
-    y, p = [2, 0, 1, 1], [2, 2, 1, 0]
-    labels = [0, 1, 2, 3]  # a class absent from both
-    got = classification_metrics(y, p, labels=labels)
-    assert got["recall_macro"] == pytest.approx(skm.recall_score(
-        y, p, labels=labels, average="macro", zero_division=0))
-    assert confusion_matrix(y, p, labels) == skm.confusion_matrix(y, p, labels=labels).tolist()
+def test_classification_scores_degenerate_cases(recwarn):
+    # positive class never predicted: binary precision undefined -> 0; class 0 P 3/4 R 1 F 6/7
+    got = classification_scores([0, 0, 0, 0], [0, 0, 0, 1], 2)
+    assert got["precision"] == got["recall"] == got["f1"] == 0.0
+    assert got["f1_macro"] == pytest.approx((6 / 7 + 0) / 2, abs=1e-12)
+    # class 3 absent from labels and predictions: it counts, with 0, in the macro means
+    got = classification_scores([2, 2, 1, 0], [2, 0, 1, 1], 4)
+    per_class = [_naive_prf([2, 0, 1, 1], [2, 2, 1, 0], c) for c in range(4)]
+    assert got["recall_macro"] == pytest.approx(sum(c[1] for c in per_class) / 4, abs=1e-12)
+    assert got["recall_macro"] == pytest.approx((0 + 1 / 2 + 1 + 0) / 4, abs=1e-12)
+    assert got["precision"] == got["precision_macro"]  # > 2 classes: the main figure is macro
+    assert not [w for w in recwarn if "ill-defined" in str(w.message)]  # zero_division=0
+    with pytest.raises(ValueError, match="predictions"):
+        classification_scores([0], [0, 1], 2)

