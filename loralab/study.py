@@ -715,11 +715,19 @@ def default_run_fn(config: dict[str, Any], resume: bool) -> dict[str, Any]:
         from loralab.generations import FILENAME
 
         (Path(tc.out) / FILENAME).unlink(missing_ok=True)  # generation_scores appends to it
+        scored: dict[str, dict[str, Any]] = {}
         for ev in gens:
             scores = generation_scores(model, tokenizer, task_data, ev, config, timings=timings)
             record["metrics"].setdefault(ev["name"], {}).update(scores)
+            scored[ev["name"]] = scores
         record["costs"]["generation_seconds"] = time.perf_counter() - t0
         record["costs"].update(timings)  # decode_seconds, score_seconds
+        from loralab.tracking import final_values, report_final
+
+        # train() closed the trackers before these existed: add them to the same runs
+        late = final_values(scored, {k: record["costs"][k]
+                                     for k in ["generation_seconds", *timings]})
+        record.setdefault("notes", []).extend(report_final(record, late))
         _write_json(Path(tc.out) / "record.json", record)
     return record
 

@@ -44,6 +44,10 @@ class Tracker(Protocol):
     def finish(self, params: Mapping[str, Any], final: Mapping[str, float], ok: bool) -> None:
         """The run's parameters and final values (metrics, costs); `ok` False: it failed."""
 
+    def where(self) -> dict[str, Any]:
+        """What `report_final` needs to re-open this run's tracker later (JSON-able; kept in
+        record.json under `tracking`)."""
+
 
 def parse_report_to(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
     """`tensorboard,wandb` (or a list) -> ('tensorboard', 'wandb'), in the given order without
@@ -81,8 +85,12 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a killed run logged after its last checkpoint
-        self.writer = SummaryWriter(str(out / "tb"),
+        self.dir = out / "tb"
+        self.writer = SummaryWriter(str(self.dir),
                                     purge_step=start_step + 1 if start_step else None)
+
+    def where(self) -> dict[str, Any]:
+        return {"dir": str(self.dir)}
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         for k, v in values.items():
@@ -133,6 +141,11 @@ class WandbTracker:
             mode, why = "offline", f"the online start failed: {type(exc).__name__}"
         self.note = (f"W&B offline ({why}); upload later with: wandb sync "
                      f"{out / 'wandb'}/offline-run-*" if mode == "offline" else "")
+        self.reopen = {"id": run_id, "dir": str(out), "mode": mode, "project": kwargs["project"],
+                       "group": group or None}
+
+    def where(self) -> dict[str, Any]:
+        return dict(self.reopen)
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         self.run.log(dict(values), step=step)
@@ -166,7 +179,8 @@ class MlflowTracker:
         local = not os.environ.get("MLFLOW_TRACKING_URI")
         if local:
             store_dir.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=mlflow_uri(store_dir, os.environ))
+        self.uri = mlflow_uri(store_dir, os.environ)
+        self.client = MlflowClient(tracking_uri=self.uri)
         name = group or "loralab"
         exp = self.client.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
@@ -198,6 +212,9 @@ class MlflowTracker:
             self.log(self.step, final)
         self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
 
+    def where(self) -> dict[str, Any]:
+        return {"tracking_uri": self.uri, "run_id": self.run_id}
+
 
 def open_trackers(report_to: tuple[str, ...], *, run_id: str, out: Path, start_step: int,
                   params: Mapping[str, Any], group: str = "", tracking_dir: str = ""
@@ -227,3 +244,60 @@ def final_values(metrics: Mapping[str, Mapping[str, Any]], costs: Mapping[str, A
            if number(v) and k != "targets"}
     out.update({f"costs/{k}": float(v) for k, v in costs.items() if number(v)})
     return out
+
+
+def report_final(record: Mapping[str, Any], final: Mapping[str, float]) -> list[str]:
+    """Add final values computed after `train` closed the trackers (a study's generation
+    scores: BLEU, ROUGE-L, ..., and their costs) to the same runs, re-opened from what
+    record.json keeps under `tracking` (`Tracker.where`): TensorBoard scalars appended to RUN/tb,
+    the W&B run resumed by its id in the mode it ran in (its summary updated; offline, a second
+    offline-run-* directory of the same run id, which `wandb sync` appends), the MLflow run by
+    its run id. Values go at the run's last step, as `finish` logs them. Returns notes on
+    trackers that could not be reached: the scores are in record.json either way, so a
+    tracker failing here must not fail the run."""
+    where = record.get("tracking") or {}
+    if not final or not where:
+        return []
+    train_loss = (record.get("curves") or {}).get("train_loss") or []
+    step = int(train_loss[-1][0]) if train_loss else 0
+    notes = []
+    for name, info in where.items():
+        try:
+            _REOPEN[name](info, step, dict(final))
+        except Exception as exc:  # a tracker's own errors vary: network, store, service
+            notes.append(f"final values not reported to {name}: {type(exc).__name__}: {exc}")
+    return notes
+
+
+def _reopen_tensorboard(info: Mapping[str, Any], step: int, final: dict[str, float]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(info["dir"])  # a new events file next to the run's own
+    for k, v in final.items():
+        writer.add_scalar(k, v, step)
+    writer.close()
+
+
+def _reopen_wandb(info: Mapping[str, Any], step: int, final: dict[str, float]) -> None:
+    wandb = _require("wandb")
+    run = wandb.init(mode=info["mode"], id=info["id"], name=info["id"], dir=info["dir"],
+                     project=info["project"], group=info.get("group"), resume="allow",
+                     settings=wandb.Settings(console="off", quiet=True))
+    # the summary, as `finish` sets it: history steps of a resumed offline run cannot be trusted
+    run.summary.update(final)
+    run.finish()
+
+
+def _reopen_mlflow(info: Mapping[str, Any], step: int, final: dict[str, float]) -> None:
+    _require("mlflow")
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=info["tracking_uri"])
+    now = int(time.time() * 1000)
+    client.log_batch(info["run_id"], metrics=[Metric(k, float(v), now, step)
+                                              for k, v in final.items()])
+
+
+_REOPEN = {"tensorboard": _reopen_tensorboard, "wandb": _reopen_wandb, "mlflow": _reopen_mlflow}
+"""Tracker name -> the function that re-opens it from `Tracker.where()` and logs final values."""

@@ -730,6 +730,7 @@ class Logger:
         self.enabled = enabled
         self.total = total_steps
         self.trackers: list = []
+        self.reopen: dict = {}  # tracker name -> how to re-open it (record.json `tracking`)
         self.bar = None
         self.t0 = time.perf_counter()
         self.start_step = start_step
@@ -742,6 +743,7 @@ class Logger:
                                       start_step=start_step, params=_hparams(config),
                                       group=config.tracking_group,
                                       tracking_dir=config.tracking_dir)
+        self.reopen = {name: t.where() for name, t in zip(config.report_to, self.trackers)}
         if sys.stderr.isatty() and total_steps > 0:
             from tqdm import tqdm
 
@@ -1237,6 +1239,7 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
         set_phase(model, config, phase)
 
     logger = Logger(config, out, total_steps, state.step, run_id, d.main)
+    record["tracking"] = logger.reopen  # a study's generation scores reach them afterwards
     logger.message(_final_eval_plan(splits, config))
     if config.precision == "bf16" and not measure.native_bf16(d.device):
         slow = (f"bf16 on this {d.device.type} is emulated (no AVX512-BF16/AMX or bf16 GPU): "

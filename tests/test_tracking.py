@@ -352,3 +352,119 @@ def test_compare_reports_a_study_to_one_mlflow_experiment(offline_env):
     assert main(["compare", str(path), "--out", str(out), "--report-to", "wandb,mlflow"]) == 0
     assert not list(root.glob("runs/*/wandb"))  # nothing trained again, so nothing logged
     assert len(client.search_runs([runs[0].info.experiment_id])) == 3
+
+
+# --- a study's generation scores, computed after train() closed the trackers -----------------
+
+@pytest.mark.slow
+def test_generation_scores_reach_the_trackers_after_the_run(offline_env):
+    """A study scores generations (BLEU, ROUGE-L, ...) after `train` has closed its trackers;
+    `report_final` re-opens the same runs from record.json's `tracking` and adds them: read back
+    by MLflow's client (same MLflow run), W&B's offline log (same run id) and TensorBoard."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rec = tracked_run(offline_env, "tensorboard,wandb,mlflow", tracking_group="study-g")
+    run_dir = offline_env / "run"
+    saved = json.loads((run_dir / "record.json").read_text())
+    assert set(saved["tracking"]) == {"tensorboard", "wandb", "mlflow"}
+    assert saved["tracking"]["wandb"]["mode"] == "offline"
+    finished_wandb_log(run_dir, rec["run_id"])  # the training run's W&B service is done
+    # what default_run_fn passes: the generation eval set's scores and their costs
+    late = tracking.final_values({"gen": {"bleu": 12.5, "rouge_l": 0.375, "chrf": 40.25,
+                                          "generated": 6}},
+                                 {"generation_seconds": 1.5, "decode_seconds": 1.25})
+    assert tracking.report_final(saved, late) == []
+    last = rec["curves"]["train_loss"][-1][0]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("study-g").experiment_id])
+    assert run.info.run_id == saved["tracking"]["mlflow"]["run_id"]
+    assert run.info.status == "FINISHED"
+    for key, value in late.items():  # exact: the floats go through SQLite's REAL (float64)
+        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] \
+            == [(last, value)]
+    assert "validation/loss" in run.data.metrics  # the training run's values are still there
+
+    logs = sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*"
+                                / f"run-{rec['run_id']}.wandb")))
+    assert len(logs) == 2  # the training run and its resumption, one W&B run id
+
+    def summary_of(path: str) -> dict:
+        import time
+
+        deadline = time.monotonic() + 60
+        while True:  # the service process flushes after finish() returns: wait for `exit`
+            records = list(wandb_records(path))
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                break
+            assert time.monotonic() < deadline, f"no finished W&B log at {path}"
+            time.sleep(0.2)
+        out = {}
+        for r in records:
+            if r.WhichOneof("record_type") == "run":
+                assert r.run.run_id == rec["run_id"] and r.run.run_group == "study-g"
+            if r.WhichOneof("record_type") == "summary":
+                out.update({_key(i): json.loads(i.value_json) for i in r.summary.update})
+        return out
+
+    resumed = {}
+    for path in logs:
+        resumed.update(summary_of(path))
+    for key, value in late.items():  # JSON text round trip of a float64
+        assert resumed[key] == pytest.approx(value, rel=1e-12)
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    for key, value in late.items():  # TensorBoard stores scalars as float32
+        assert [(e.step, e.value) for e in acc.Scalars(key)] == [
+            (last, pytest.approx(value, rel=1e-7))]
+
+
+def test_study_sends_generation_scores_to_the_run_trackers(monkeypatch, tmp_path):
+    """`default_run_fn` hands `report_final` the record (with its `tracking`) and only what
+    train() could not have logged: the generation scores of each generating eval set and the
+    generation costs, not the eval set's loss again. A tracker that cannot be reached leaves a
+    note in record.json instead of failing the run."""
+    import loralab.models
+    import loralab.train
+
+    where = {"mlflow": {"tracking_uri": "sqlite:///x.db", "run_id": "abc"}}
+    monkeypatch.setattr(loralab.models, "load_model", lambda *a, **k: type(
+        "Loaded", (), {"model": None, "tokenizer": None})())
+    monkeypatch.setattr(st, "build_task_data", lambda config, tokenizer: None)
+    monkeypatch.setattr(loralab.train, "train", lambda tc, **kw: {
+        "status": "finished", "metrics": {"gen": {"loss": 2.0}}, "costs": {},
+        "curves": {"train_loss": [[2, 2.5]]}, "tracking": where, "notes": []})
+
+    def fake_scores(model, tokenizer, task_data, ev, config, timings):
+        timings["decode_seconds"] = 0.5
+        return {"bleu": 12.5, "rouge_l": 0.25, "generated": 4}
+
+    monkeypatch.setattr(st, "generation_scores", fake_scores)
+    sent: list = []
+    monkeypatch.setattr(tracking, "report_final", lambda record, final: sent.append(
+        (record["tracking"], dict(final))) or ["final values not reported to mlflow: X"])
+    config = st.run_matrix(st.parse_study(BASE), tmp_path)[1].config
+    config["eval_sets"] = [{"name": "gen", "generate": {"max_new_tokens": 4}}]
+    Path(config["out"]).mkdir(parents=True)
+    record = st.default_run_fn(config, False)
+    ((got_where, final),) = sent
+    assert got_where == where
+    assert set(final) == {"gen/bleu", "gen/rouge_l", "gen/generated",
+                          "costs/generation_seconds", "costs/decode_seconds"}
+    assert (final["gen/bleu"], final["costs/decode_seconds"]) == (12.5, 0.5)
+    saved = json.loads((Path(config["out"]) / "record.json").read_text())
+    assert saved["notes"] == record["notes"] == ["final values not reported to mlflow: X"]
+    assert saved["metrics"]["gen"] == {"loss": 2.0, "bleu": 12.5, "rouge_l": 0.25, "generated": 4}
+
+
+def test_report_final_without_trackers_or_values_does_nothing():
+    """Records written before `tracking` existed (or runs with report_to none) report nothing;
+    a tracker's failure is a note, not an exception."""
+    assert tracking.report_final({"metrics": {}}, {"gen/bleu": 1.0}) == []
+    assert tracking.report_final({"tracking": {"mlflow": {}}}, {}) == []
+    notes = tracking.report_final({"tracking": {"mlflow": {}}}, {"gen/bleu": 1.0})
+    assert len(notes) == 1 and notes[0].startswith("final values not reported to mlflow: ")
