@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 from pathlib import Path
 
 from loralab.errors import UserError
@@ -42,6 +41,21 @@ def description(path: Path, limit: int = 100) -> str:
     desc = " ".join(desc.split())
     first = re.split(r"(?<=[.?!])\s+(?=[A-Z])", desc, maxsplit=1)[0]
     return first if len(first) <= limit else first[:limit - 3].rstrip() + "..."
+
+
+def _renamed_copy(text: str, name: str) -> tuple[str, bool]:
+    """The study text with its top-level `name:` set to `name` (the copy's file stem), and
+    whether it changed. Why: a copy that kept the bundled name would write into the bundled
+    study's output folder (OUT/<name>) and, once edited, set the bundled study's runs aside."""
+    lines = text.splitlines(keepends=True)
+    for k, line in enumerate(lines):
+        if re.match(r"name\s*:", line):
+            new = f"name: {name}\n"
+            if line.strip() == new.strip():
+                return text, False
+            lines[k] = new
+            return "".join(lines), True
+    return text, False
 
 
 def _bundled(name: str) -> Path:
@@ -81,8 +95,11 @@ def _cmd_studies(args: argparse.Namespace) -> int:
         if dest.exists() and not args.force:
             raise UserError(f"{dest} exists; pass another DEST or --force to overwrite it")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
-        print(f"copied {path.name} to {dest}; run it with `loralab compare {dest}`")
+        text, renamed = _renamed_copy(path.read_text(encoding="utf-8"), dest.stem)
+        dest.write_text(text, encoding="utf-8")
+        said = f" (study renamed to {dest.stem!r}, so its results go to their own folder)" \
+            if renamed else ""
+        print(f"copied {path.name} to {dest}{said}; run it with `loralab compare {dest}`")
         return 0
     raise UserError(f"unknown action {args.action!r}; use list, show NAME or copy NAME DEST")
 

@@ -69,8 +69,15 @@ def find_db(path: str | Path) -> Path:
     path = Path(path)
     db = path / DB_NAME if path.is_dir() else path
     if not db.is_file():
+        # `compare --out OUT` writes each study to OUT/<study name>/: name those folders
+        studies = sorted(p.parent for p in path.glob(f"*/{DB_NAME}")) if path.is_dir() else []
+        if studies:
+            raise UserError(f"{path} holds the results of "
+                            f"{', '.join(repr(p.name) for p in studies)}; pass a study's folder, "
+                            f"e.g. {studies[0]}")
         raise UserError(f"no results database at {db}; run `loralab compare STUDY.yaml --out "
-                        f"{path}` first, or pass the study's output directory")
+                        f"{path}` first (it writes {path}/<study name>/), or pass the study's "
+                        "output directory")
     return db
 
 

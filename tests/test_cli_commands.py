@@ -85,12 +85,16 @@ def test_studies_show_and_copy(tmp_path, capsys):
     assert capsys.readouterr().out == path.read_text()
     dest = tmp_path / "mine.yaml"
     assert main(["studies", "copy", "quant-offline", str(dest)]) == 0
-    assert dest.read_text() == path.read_text()
-    assert st.load_study(dest).name == "quant-offline"
+    # the copy is renamed after its file, so its results never land in the bundled study's
+    # output folder (OUT/quant-offline); everything else is the bundled text
+    assert dest.read_text() == path.read_text().replace("name: quant-offline\n", "name: mine\n")
+    assert st.load_study(dest).name == "mine"
+    assert "renamed to 'mine'" in capsys.readouterr().out
     assert main(["studies", "copy", "quant-offline", str(dest)]) == 2   # no silent overwrite
     assert "exists" in capsys.readouterr().err
     assert main(["studies", "copy", "default", str(tmp_path)]) == 0     # into a directory
     assert (tmp_path / "default.yaml").is_file()
+    assert st.load_study(tmp_path / "default.yaml").name == "default"  # same stem: kept
     assert main(["studies", "show", "no-such-study"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no bundled study named 'no-such-study'" in err[0]

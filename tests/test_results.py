@@ -47,6 +47,13 @@ def test_round_trip_and_filters(tmp_path):
     assert find_db(tmp_path) == tmp_path / "results.sqlite"
     with pytest.raises(UserError, match="no results database"):
         find_db(tmp_path / "missing")
+    # `compare --out OUT` writes OUT/<study>/results.sqlite: the error on OUT names the study
+    # folders instead of advising the compare that was just run
+    study = tmp_path / "out" / "default"
+    study.mkdir(parents=True)
+    (study / "results.sqlite").touch()
+    with pytest.raises(UserError, match=r"holds the results of 'default'; pass a study's folder"):
+        find_db(tmp_path / "out")
 
 
 def test_failed_transaction_rolls_back(tmp_path):
