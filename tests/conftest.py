@@ -57,3 +57,31 @@ def tiny_bert(vocab_size: int = 128, n_layer: int = 2, hidden: int = 32, heads: 
                         max_position_embeddings=64, num_labels=num_labels,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return BertForSequenceClassification(config).eval()
+
+
+def save_tiny_llama_inputs(work: Path, hidden: int, words: list[str]) -> Path:
+    """`work` with a tiny random LLaMA (tied head, as SmolLM2) and the bundled GPT-2 tokenizer
+    in `work/llama`, and a 160-passage corpus of `words` in `work/text.txt` (split 90/5/5 by
+    loralab.data). Skips the test when the bundled tokenizer is not prepared."""
+    import random
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from loralab import bundled
+    from loralab.errors import UserError
+
+    try:
+        tok_dir = bundled.gpt2_tokenizer_dir(build=False)
+    except UserError as exc:
+        pytest.skip(f"bundled GPT-2 tokenizer not prepared: {exc}")
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden,
+                                 intermediate_size=2 * hidden, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=True)).save_pretrained(work / "llama")
+    tok.save_pretrained(work / "llama")
+    rng = random.Random(2)
+    (work / "text.txt").write_text("\n\n".join(
+        " ".join(rng.choice(words) for _ in range(40)) + "." for _ in range(160)))
+    return work

@@ -251,30 +251,10 @@ def test_run_directory_is_taken_the_same_way_everywhere(command, tmp_path, capsy
 def tiny_llama_dir(tmp_path_factory):
     """A tiny random LLaMA (tied head, as SmolLM2) with the bundled GPT-2 tokenizer, and a small
     text corpus for one training step."""
-    import random
+    from conftest import save_tiny_llama_inputs
 
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from loralab import bundled
-
-    try:
-        tok_dir = bundled.gpt2_tokenizer_dir(build=False)
-    except UserError as exc:
-        pytest.skip(f"bundled GPT-2 tokenizer not prepared: {exc}")
-    work = tmp_path_factory.mktemp("tiny-targets")
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, tie_word_embeddings=True)
-                     ).save_pretrained(work / "llama")
-    tok.save_pretrained(work / "llama")
-    rng = random.Random(2)
-    words = ["the", "river", "city", "runs", "past", "old", "bridge", "town", "boats", "water"]
-    (work / "text.txt").write_text("\n\n".join(
-        " ".join(rng.choice(words) for _ in range(40)) + "." for _ in range(160)))
-    return work
+    return save_tiny_llama_inputs(tmp_path_factory.mktemp("tiny-targets"), 32,
+                                  "the river city runs past old bridge town boats water".split())
 
 
 def test_targets_groups_by_module_kind_and_all_lists_every_module(tiny_llama_dir, capsys):

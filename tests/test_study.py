@@ -424,31 +424,11 @@ def test_study_precision_must_be_auto_fp32_or_bf16():
 def tiny_lm_run_inputs(tmp_path_factory):
     """A tiny random LLaMA (tied head) with the bundled GPT-2 tokenizer, saved as a model
     directory, and a small .txt corpus (split 90/5/5 by loralab.data): the case script's setup."""
-    import random
+    from conftest import save_tiny_llama_inputs
 
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from loralab import bundled
-
-    try:
-        tok_dir = bundled.gpt2_tokenizer_dir(build=False)
-    except UserError as exc:
-        pytest.skip(f"bundled GPT-2 tokenizer not prepared: {exc}")
-    work = tmp_path_factory.mktemp("tiny-lm")
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, tie_word_embeddings=True)
-                     ).save_pretrained(work / "llama")
-    tok.save_pretrained(work / "llama")
-    rng = random.Random(2)
-    words = ["the", "river", "city", "centre", "runs", "past", "near", "old", "bridge", "town",
-             "market", "boats", "birds", "water"]
-    (work / "text.txt").write_text("\n\n".join(
-        " ".join(rng.choice(words) for _ in range(40)) + "." for _ in range(160)))
-    return work
+    return save_tiny_llama_inputs(tmp_path_factory.mktemp("tiny-lm"), 64,
+                                  ("the river city centre runs past near old bridge town "
+                                   "market boats birds water").split())
 
 
 def _train_tiny(inputs: Path, out: Path, method: str, quant: str | None = None, **kw) -> dict:
