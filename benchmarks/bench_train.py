@@ -4,7 +4,7 @@ Every measurement runs in a fresh subprocess (so peak-RSS figures do not bleed i
 and the two sides alternate A, B, A, B, ... so slow drifts of this shared machine hit both.
 Each worker runs `--steps` optimizer steps after one warm-up step and reports steady-state
 tokens/s (warm-up excluded) and the peak resident set added by training (sampled by
-loralab.measure.RSSSampler, started after the model and optimizer exist, on both sides).
+loralab.costs.measure.RSSSampler, started after the model and optimizer exist, on both sides).
 
     # loralab vs PEFT, one scenario, 3 repeats each
     python benchmarks/bench_train.py compare --model smollm2-135m --batch 8 --seq 128 \
@@ -19,7 +19,7 @@ loralab.measure.RSSSampler, started after the model and optimizer exist, on both
     # validation loss after the same steps from the same seed
     python benchmarks/bench_train.py precision --batch 4 --seq 128 --steps 20 --lr 1e-3
 
-Host memory (`loralab.hostmem`): the `loralab` command starts with tcmalloc preloaded where the
+Host memory (`loralab.kernels.hostmem`): the `loralab` command starts with tcmalloc preloaded where the
 library is installed (else with PyTorch's transparent-huge-page allocation), so the loralab
 worker is launched in the environment the command would give it (it stands for a `loralab train`
 run); the PEFT worker runs with the process defaults, as a hand-written script does.
@@ -60,7 +60,7 @@ def _model(name: str):
 
         config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
         return GPT2LMHeadModel(config), None
-    from loralab.models import load_model
+    from loralab.models.loading import load_model
 
     loaded = load_model(name, "lm")
     return loaded.model, loaded.tokenizer
@@ -75,7 +75,7 @@ def _batches(vocab: int, batch: int, seq: int, count: int):
 
 def _host() -> dict:
     """This worker's host-memory setting, read back: huge pages on, and the allocator mapped."""
-    from loralab.hostmem import allocator_in_use, huge_pages_active
+    from loralab.kernels.hostmem import allocator_in_use, huge_pages_active
 
     return {"huge_pages": huge_pages_active(os.environ), "allocator": allocator_in_use()}
 
@@ -84,7 +84,7 @@ def worker_loralab(args) -> dict:
     import datasets
     import torch
 
-    from loralab.train import make_config, train
+    from loralab.training.train import make_config, train
 
     model, tokenizer = _model(args.model)
     vocab = model.config.vocab_size
@@ -119,7 +119,7 @@ def worker_loralab(args) -> dict:
 
 
 def _peak_shapes(model, tokens: int) -> tuple:
-    from loralab.peak import matmul_shapes
+    from loralab.costs.peak import matmul_shapes
 
     return matmul_shapes(model, tokens)
 
@@ -130,9 +130,9 @@ def worker_quality(args) -> dict:
     `--eval-examples` validation blocks, evaluated in the run's own precision as `train` does.
     The same blocks, seed and dropout masks on both precisions, so the losses differ by rounding
     only. `--method none` gives the untrained model's loss, the scale to read the gap against."""
-    from loralab.data import load_task_data
-    from loralab.models import load_model
-    from loralab.train import make_config, train
+    from loralab.data.tasks import load_task_data
+    from loralab.models.loading import load_model
+    from loralab.training.train import make_config, train
 
     loaded = load_model(args.model, "lm")
     data = load_task_data("wiki-leads", "lm", loaded.tokenizer, seq_len=args.seq)
@@ -160,8 +160,8 @@ def worker_peft(args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from loralab.measure import RSSSampler
-    from loralab.targets import resolve_targets
+    from loralab.costs.measure import RSSSampler
+    from loralab.lora.targets import resolve_targets
 
     model, _ = _model(args.model)
     if args.method == "lora":
@@ -202,7 +202,7 @@ def worker_inference(args) -> dict:
     import torch
     from torch import nn
 
-    from loralab.lora import LoRAConfig, apply_lora, lora_modules, merge_adapters, \
+    from loralab.lora.layer import LoRAConfig, apply_lora, lora_modules, merge_adapters, \
         unmerge_adapters
 
     model, _ = _model(args.model)
@@ -240,7 +240,7 @@ def _host_environment(setting: str) -> dict[str, str]:
     """A worker's environment: 'cli' = what the `loralab` command gives its process (tcmalloc
     where installed, else huge pages), 'huge-pages' = huge pages only (the command's setting
     before tcmalloc), 'default' = the process defaults a hand-written script gets."""
-    from loralab import hostmem
+    from loralab.kernels import hostmem
 
     base = {k: v for k, v in os.environ.items() if k not in _HOST_VARIABLES}
     base |= {"PYTHONPATH": ROOT, "TRANSFORMERS_VERBOSITY": "error"}
@@ -354,9 +354,9 @@ def methods(args) -> None:
                 compile="off" if args.compile == "both" else args.compile))
     import torch
 
-    from loralab.peak import benchmark_shapes, mfu_figure
+    from loralab.costs.peak import benchmark_shapes, mfu_figure
 
-    # loralab's peak (loralab.peak): best-of-k F.linear at the model's own largest shapes, fp32.
+    # loralab's peak (loralab.costs.peak): best-of-k F.linear at the model's own largest shapes, fp32.
     # Timed here once more, between the workers (the machine as idle as this run gets it), and
     # the highest of that and the peaks the workers divided by is used for every row.
     runs_all = [r for runs in results.values() for r in runs]
@@ -450,7 +450,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, ROOT)  # loralab from this checkout, for the driver and its workers
     if args.mode != "worker":  # the driver names the machine; a worker's stdout is its JSON
-        from loralab.measure import describe_device
+        from loralab.costs.measure import describe_device
 
         print(describe_device("cpu"), flush=True)
     if args.mode == "worker":  # the driver set this process's host-memory environment

@@ -1,6 +1,6 @@
 """Where a LoRA training step's time and memory go: loralab's step vs transformers + PEFT.
 
-Builds the same step as `loralab.train` (the strategy's model surgery from `prepare_model`, the
+Builds the same step as `loralab.training.train` (the strategy's model surgery from `prepare_model`, the
 fused causal-LM loss, fused AdamW) and the hand-written PEFT step of `bench_train.py`, then
 
 - times forward (for loralab this includes the fused loss's gradient, formed in the forward
@@ -12,7 +12,7 @@ fused causal-LM loss, fused AdamW) and the hand-written PEFT step of `bench_trai
 
 Both sides share this process, so they share its allocator settings: run it with
 `THP_MEM_ALLOC_ENABLE=1` to see both as under the `loralab` command (huge pages for large
-tensors, `loralab.hostmem`), without it for the process defaults.
+tensors, `loralab.kernels.hostmem`), without it for the process defaults.
 
     python benchmarks/profile_step.py --steps 3 --dropout 0.1
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/profile_step.py --steps 3 --dropout 0.1
@@ -41,9 +41,9 @@ from bench_train import _model as bench_model
 
 def build(side: str, dropout: float, rank: int, preset: str, model_name: str):
     """(model, loss_fn(ids) -> scalar loss, optimizer) for 'loralab' or 'peft'."""
-    from loralab.losses import CausalLMLoss
-    from loralab.targets import resolve_targets
-    from loralab.train import make_config, prepare_model
+    from loralab.kernels.losses import CausalLMLoss
+    from loralab.lora.targets import resolve_targets
+    from loralab.training.train import make_config, prepare_model
 
     model, _ = bench_model(model_name)  # seeds torch; the same models as bench_train.py
     if side == "peft":
@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
-    from loralab.measure import describe_device
+    from loralab.costs.measure import describe_device
 
     print(describe_device("cpu"), flush=True)  # the CPU and its flags decide every figure
 

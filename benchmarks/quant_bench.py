@@ -44,14 +44,14 @@ def main() -> None:
                          "frozen base (QLoRA), each in a fresh process")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from loralab.measure import describe_device
+    from loralab.costs.measure import describe_device
 
     print(describe_device("cpu"), flush=True)  # the CPU and its flags decide every figure
     if args.memory:
         memory_table(args)
         return
 
-    from loralab.quant import compare_quantization, format_comparison
+    from loralab.quant.core import compare_quantization, format_comparison
 
     out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     result = compare_quantization(
@@ -74,7 +74,7 @@ def memory_table(args) -> None:
 
     rows = []
     for scheme in (None, "int8", "nf4"):
-        code = ("import json, sys; from loralab.quant import training_step_memory; "
+        code = ("import json, sys; from loralab.quant.core import training_step_memory; "
                 f"print('JSON' + json.dumps(training_step_memory({args.model!r}, {args.task!r}, "
                 f"{scheme!r}, batch_size={args.batch_size}, seq_len={args.seq_len}, "
                 f"rank={args.rank}, preset={args.preset!r})))")

@@ -4,9 +4,9 @@ The public Python API::
 
     from loralab import LoRAConfig, apply_lora, merge_lora, save_adapter, load_adapter
 
-The names are imported on first use (PEP 562), so `import loralab.cli` does not import torch:
+The names are imported on first use (PEP 562), so `import loralab.cli.main` does not import torch:
 the command line must set process-level memory options before torch starts (see
-`loralab.hostmem`), and `loralab --help` stays fast.
+`loralab.kernels.hostmem`), and `loralab --help` stays fast.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"LoRAConfig": "loralab.lora", "apply_lora": "loralab.lora",
-            "merge_lora": "loralab.lora", "save_adapter": "loralab.adapter",
-            "load_adapter": "loralab.adapter"}
+_EXPORTS = {"LoRAConfig": "loralab.lora.layer", "apply_lora": "loralab.lora.layer",
+            "merge_lora": "loralab.lora.layer", "save_adapter": "loralab.lora.adapter",
+            "load_adapter": "loralab.lora.adapter"}
 
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 import sys
 
-from loralab.cli import main
+from loralab.cli.main import main
 
 sys.exit(main())

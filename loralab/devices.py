@@ -12,16 +12,16 @@ Two kinds of item are kept apart:
   fresh mmaps). On CUDA the costs they remove are different or absent (Philox masks are cheap,
   flash / memory-efficient SDPA supports dropout without a T x T probability matrix, device
   memory does not come from malloc), and replacing SDPA there would be a regression. Off on CUDA.
-- device-neutral savings: the fused cross-entropy (loralab.losses) never materialises the
+- device-neutral savings: the fused cross-entropy (loralab.kernels.losses) never materialises the
   N x V logits, an algorithmic memory saving that holds on any device (Liger-Kernel does the
   same on GPUs), so it stays on everywhere; `--fused-loss false` turns it off.
 
 The `compile` setting is not decided here: `--compile auto` weighs the estimated work of a run
-(loralab.compiling; the threshold was measured on the CPU and is conservative on a GPU, where
+(loralab.kernels.compiling; the threshold was measured on the CPU and is conservative on a GPU, where
 compiled blocks typically gain more), and `on` / `off` are the user's choice on every device.
 
 This module imports nothing heavy (no torch), so the `loralab` command can ask it before
-torch loads (the tcmalloc decision, loralab.hostmem).
+torch loads (the tcmalloc decision, loralab.kernels.hostmem).
 """
 
 from __future__ import annotations
@@ -45,22 +45,22 @@ class DeviceDefaults:
     """What a training run on one device type uses (see `device_defaults`)."""
 
     seeded_dropout: bool
-    """The model's own nn.Dropout layers become `loralab.dropout.SeededDropout`. Measured on the
+    """The model's own nn.Dropout layers become `loralab.lora.dropout.SeededDropout`. Measured on the
     CPU: `bernoulli_` draws one Mersenne-Twister number per element (0.34 s of a GPT-2 4 x 256
     step for attention dropout alone); CUDA's Philox masks cost little."""
     seeded_dropout_attention: bool
-    """Attention with dropout runs `loralab.attention` instead of SDPA. Measured on the CPU,
+    """Attention with dropout runs `loralab.kernels.attention` instead of SDPA. Measured on the CPU,
     where SDPA's fused kernels refuse dropout and fall back to the math path. On CUDA, flash /
     memory-efficient SDPA handles dropout without materialising the T x T probabilities, which
     this path stores: it must not replace them."""
     lean_mlps: bool
-    """Frozen MLPs store fewer activations (`loralab.lean_mlp`). Measured on the CPU only."""
+    """Frozen MLPs store fewer activations (`loralab.kernels.lean_mlp`). Measured on the CPU only."""
     tcmalloc: bool
-    """The `loralab` command restarts itself with tcmalloc preloaded (`loralab.hostmem`).
+    """The `loralab` command restarts itself with tcmalloc preloaded (`loralab.kernels.hostmem`).
     Measured on the CPU: it removes the page faults of glibc's fresh mmaps for activation
     buffers; on CUDA activations live in device memory (PyTorch's own caching allocator)."""
     fused_loss: bool
-    """The fused cross-entropy (`loralab.losses`) is allowed: device-neutral, it never
+    """The fused cross-entropy (`loralab.kernels.losses`) is allowed: device-neutral, it never
     materialises the logits (an algorithmic memory saving, not a CPU-measured speed-up)."""
     loader_workers: int
     """DataLoader worker processes for training batches."""

@@ -17,13 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from loralab.e2e_metrics import read_score_inputs, score_e2e
+from loralab.scoring.e2e import read_score_inputs, score_e2e
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "testset_w_refs.csv"
 
 
 def main() -> None:
-    from loralab.measure import describe_device
+    from loralab.costs.measure import describe_device
 
     print(describe_device("cpu"), flush=True)  # the timing depends on the CPU it ran on
     src = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT

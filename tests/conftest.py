@@ -62,7 +62,7 @@ def tiny_bert(vocab_size: int = 128, n_layer: int = 2, hidden: int = 32, heads: 
 def save_tiny_llama_inputs(work: Path, hidden: int, words: list[str]) -> Path:
     """`work` with a tiny random LLaMA (tied head, as SmolLM2) and the bundled GPT-2 tokenizer
     in `work/llama`, and a 160-passage corpus of `words` in `work/text.txt` (split 90/5/5 by
-    loralab.data). Skips the test when the bundled tokenizer is not prepared."""
+    loralab.data.tasks). Skips the test when the bundled tokenizer is not prepared."""
     import random
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

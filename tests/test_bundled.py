@@ -94,7 +94,7 @@ def test_publish_dir_keeps_the_winner(tmp_path):
 
 
 def test_cli_setup_reports_each_asset(capsys):
-    from loralab import cli
+    from loralab.cli import main as cli
 
     assert cli.main(["setup"]) == 0
     out = capsys.readouterr().out

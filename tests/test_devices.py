@@ -1,7 +1,7 @@
 """Issue 22: defaults that stay right on a GPU. The device decision (loralab.devices) is one
 pure function, tested here for CPU and CUDA (no GPU on this machine: the decision is what is
 tested, and prepare_model / the training loop are shown to follow it); training batches come
-through a DataLoader in exactly the old order (loralab.batching); the package metadata uses an
+through a DataLoader in exactly the old order (loralab.training.batching); the package metadata uses an
 SPDX license string."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from loralab import batching, devices
-from loralab.batching import StepBatchSampler, StepCollate, epoch_order, training_loader
+from loralab import devices
+from loralab.training import batching
+from loralab.training.batching import StepBatchSampler, StepCollate, epoch_order, training_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,10 +64,10 @@ def test_prepare_model_installs_cpu_speedups_on_the_cpu_only(device):
     from torch import nn
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from loralab.attention import NAME
-    from loralab.dropout import SeededDropout
-    from loralab.lean_mlp import LeanGeluMLP
-    from loralab.train import make_config, prepare_model
+    from loralab.kernels.attention import NAME
+    from loralab.lora.dropout import SeededDropout
+    from loralab.kernels.lean_mlp import LeanGeluMLP
+    from loralab.training.train import make_config, prepare_model
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64,

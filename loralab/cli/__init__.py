@@ -1,0 +1,1 @@
+"""The `loralab` command line."""

@@ -1,0 +1,1 @@
+"""Datasets: presets, tokenisation and collation for the three tasks."""

@@ -1,0 +1,2 @@
+"""Opt-in speed-ups: lean MLPs, seeded-dropout attention, fused cross-entropy,
+regional compile, host-memory settings."""

@@ -1,0 +1,464 @@
+"""LoRA: low-rank adapters on frozen dense layers (Hu et al. 2021).
+
+For a frozen dense map y = x W^T + b (W: d_out x d_in), LoRA learns A (r x d_in) and B (d_out x r):
+
+    y = x W^T + b + s * (D(x) A^T) B^T,      s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+where D is dropout on the LoRA branch only. B starts at zero, so an untrained adapter leaves the
+model's outputs unchanged; A starts from the Kaiming-uniform init of `nn.Linear` (or a Gaussian).
+
+The map is one `torch.autograd.Function` (`_LoRAMatmul`) because the obvious composition
+`base(x) + lora_B(lora_A(dropout(x))) * s` keeps a dropped copy of x per layer and allocates three
+T x d_out temporaries (B's output, the scaling, the sum). Here:
+
+- forward computes `out = x W^T + b`, then adds the low-rank term in place with `addmm_`;
+- it saves x, A, B (and a reference to the frozen W, needed for dx; no copy), the small
+  u = D(x) A^T (T x k r) and nothing of size T x d_out; with dropout it also saves the mask's
+  16-bit uniforms (2 bytes an element, `loralab.lora.dropout`), not a dropped copy of x (4 bytes),
+  and re-forms the 0 / 1 mask from them in backward by one comparison; 1 / P(keep) is folded
+  into s;
+- backward forms
+      gB = g B,  dB = s g^T u,  dA = s gB^T D(x),  dx = g W + s D'(gB A)
+  and never a gradient for the frozen W (unless W itself requires grad).
+
+GPT-2's fused `c_attn` (Conv1D, output [q | k | v]) is handled by giving each adapted output slice
+j its own pair (A_j, B_j): A is the stack [A_1; ...; A_k] (k r x d_in) and B the stack of B_j
+(sum of slice widths x r), a block-structured update applied by the same function with x saved
+once (loralib's MergedLinear).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loralab.lora.dropout import draw_seed, keep_float, random_bits
+from loralab.errors import UserError
+from loralab.lora.targets import (
+    PRESETS,
+    Target,
+    in_out_features,
+    is_adaptable,
+    resolve_targets,
+)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """What to adapt and how."""
+
+    rank: int = 8
+    """r: the rank of each update B A."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout probability on the LoRA branch's input (training only)."""
+    targets: str | tuple[str, ...] = "qv"
+    """A preset (qv, attn, attn-proj, attn-proj-ffn, all) or module names / globs."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
+    train_head: bool = False
+    """Also train the whole task head fully (PEFT's `modules_to_save`): every module the task
+    adds on the backbone, e.g. DistilBERT's pre_classifier + classifier (`head_modules`)."""
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    """Init of A: Kaiming-uniform as nn.Linear (PEFT's default) or N(0, 1/r) (the paper)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise UserError(f"LoRA rank must be a positive integer, got {self.rank!r}; "
+                            "use e.g. --rank 8")
+        if not self.alpha > 0:
+            raise UserError(f"LoRA alpha must be positive, got {self.alpha!r}; use e.g. --alpha 16")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise UserError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def scale(self) -> float:
+        return scaling(self.alpha, self.rank, self.rslora)
+
+
+def scaling(alpha: float, rank: int, rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+# --------------------------------------------------------------------------------------------
+# The autograd function
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's dtype when autocast is on, else x's dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _LoRAMatmul(torch.autograd.Function):
+    """y = x W^T + b + s * [ (D(x) A_j^T) B_j^T  on output slice j ]; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float,
+                slices: tuple[tuple[int, int], ...], p: float, seed: int, conv1d: bool):
+        dtype = compute_dtype(x)
+        d_in = x.shape[-1]
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, d_in).to(dtype)                      # (N, d_in)
+            w = _dense(weight).to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            if conv1d:                                              # Conv1D stores W^T: (d_in, d_out)
+                out = torch.addmm(b, x2, w) if b is not None else x2 @ w
+            else:
+                out = F.linear(x2, w, b)                            # (N, d_out)
+            # D(x) = keep * x / P(keep): the 1 / P(keep) goes into the scale
+            bits, rescale = None, 1.0
+            if p > 0:
+                bits = random_bits(x2.shape, seed, x2.device)       # kept for backward
+                keep, rescale = keep_float(bits, p, dtype)
+                xd = keep.mul_(x2)                                  # the mask's storage, reused
+                del keep
+            else:
+                xd = x2
+            u = xd @ lora_a.to(dtype).T                             # (N, k r)
+            del xd
+            _add_low_rank(out, u, lora_b.to(dtype), slices, scale * rescale)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, u, bits)
+        ctx.meta = (scale * rescale, slices, p, conv1d, dtype,
+                    bias is not None and bias.requires_grad)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, u, bits = ctx.saved_tensors
+        scale, slices, p, conv1d, dtype, bias_grad = ctx.meta       # scale is s / P(keep)
+        d_in = x.shape[-1]
+        rank = lora_a.shape[0] // len(slices)
+        with torch.autocast(x.device.type, enabled=False):
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (N, d_out)
+            x2 = x.reshape(-1, d_in).to(dtype)
+            keep = keep_float(bits, p, dtype)[0] if bits is not None else None
+            a = lora_a.to(dtype)
+            b = lora_b.to(dtype)
+            g_b = torch.empty_like(u)                               # (N, k r): g_j B_j per slice
+            d_b = torch.empty_like(b)
+            row = 0
+            for j, (lo, hi) in enumerate(slices):
+                cols = slice(j * rank, (j + 1) * rank)
+                g_j, b_j = g[:, lo:hi], b[row:row + hi - lo]
+                g_b[:, cols] = g_j @ b_j
+                d_b[row:row + hi - lo] = (g_j.T @ u[:, cols]).mul_(scale)
+                row += hi - lo
+            xd = x2 * keep if keep is not None else x2              # D(x) P(keep)
+            d_a = (g_b.T @ xd).mul_(scale)                          # (k r, d_in)
+            del xd
+            d_x = d_w = d_bias = None
+            if ctx.needs_input_grad[0]:
+                w = _dense(weight).to(dtype)
+                d_x = g @ w.T if conv1d else g @ w                  # (N, d_in): frozen path
+                if keep is None:
+                    d_x.addmm_(g_b, a, alpha=scale)
+                else:
+                    d_x.add_(keep.mul_(g_b @ a), alpha=scale)
+                d_x = d_x.view(x.shape).to(x.dtype)
+            if ctx.needs_input_grad[1]:                             # only if W is not frozen
+                d_w = (x2.T @ g) if conv1d else (g.T @ x2)
+                d_w = d_w.to(weight.dtype)
+            if bias_grad:
+                d_bias = g.sum(0)
+        return (d_x, d_w, d_bias, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype),
+                None, None, None, None, None)
+
+
+def _dense(weight: torch.Tensor) -> torch.Tensor:
+    """A quantized frozen weight (a torchao tensor subclass such as NF4Tensor or an int8 tensor:
+    a QLoRA base) dequantized for this one use, so only its packed form is kept between forward
+    and backward; a plain tensor is returned as it is."""
+    if type(weight) in (torch.Tensor, nn.Parameter) or not hasattr(weight, "__tensor_flatten__"):
+        return weight
+    if hasattr(weight, "get_original_weight"):  # torchao NF4Tensor
+        return weight.get_original_weight()
+    return weight.dequantize()
+
+
+def _add_low_rank(out: torch.Tensor, u: torch.Tensor, b: torch.Tensor,
+                  slices: tuple[tuple[int, int], ...], scale: float) -> None:
+    """out[:, slice_j] += s * u_j B_j^T, in place (no T x d_out temporary)."""
+    rank = u.shape[1] // len(slices)
+    row = 0
+    for j, (lo, hi) in enumerate(slices):
+        out[:, lo:hi].addmm_(u[:, j * rank:(j + 1) * rank], b[row:row + hi - lo].T, alpha=scale)
+        row += hi - lo
+
+
+def lora_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                slices: tuple[tuple[int, int], ...], p: float = 0.0, seed: int = 0,
+                conv1d: bool = False) -> torch.Tensor:
+    """Functional form of the adapted map; `conv1d` means `weight` is stored as (d_in, d_out)."""
+    return _LoRAMatmul.apply(x, weight, bias, lora_a, lora_b, scale, slices, p, seed, conv1d)
+
+
+# --------------------------------------------------------------------------------------------
+# The module
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` or GPT-2 `Conv1D` (`self.base`) plus a LoRA update.
+
+    `lora_A` is (k r, d_in) and `lora_B` is (sum of slice widths, r) for k adapted output
+    slices; with one slice covering the whole output this is exactly PEFT's layout.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0,
+                 slices: tuple[tuple[int, int], ...] | None = None,
+                 init: Literal["kaiming", "gaussian"] = "kaiming") -> None:
+        super().__init__()
+        if not is_adaptable(base):
+            raise UserError(f"LoRA adapts Linear and Conv1D layers, not {type(base).__name__}")
+        d_in, d_out = in_out_features(base)
+        self.base = base
+        self.conv1d = not isinstance(base, nn.Linear)
+        self.slices = tuple(slices) if slices else ((0, d_out),)
+        self.rank, self.scale, self.dropout = rank, scale, dropout
+        self.merged = False
+        width = sum(hi - lo for lo, hi in self.slices)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(len(self.slices) * rank, d_in, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(width, rank, **factory))
+        for block in self.lora_A.data.split(rank):
+            if init == "gaussian":
+                nn.init.normal_(block, std=1.0 / rank)
+            else:
+                nn.init.kaiming_uniform_(block, a=math.sqrt(5))  # nn.Linear's default, as PEFT
+
+    @property
+    def in_features(self) -> int:
+        return in_out_features(self.base)[0]
+
+    @property
+    def out_features(self) -> int:
+        return in_out_features(self.base)[1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (so code that reads `layer.weight` keeps working)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, scale={self.scale:g}, dropout={self.dropout}, "
+                f"slices={list(self.slices)}, merged={self.merged}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        p = self.dropout if self.training else 0.0
+        weight = self.base.weight
+        # QAT (torchao FakeQuantizedLinear base): the frozen path and the adapter both see the
+        # fake-quantized input Q(x), as in the deployed quantized model; W becomes Q(W)
+        fq_x = getattr(self.base, "activation_fake_quantizer", None)
+        fq_w = getattr(self.base, "weight_fake_quantizer", None)
+        if fq_x is not None:
+            x = fq_x(x)
+        if fq_w is not None:
+            weight = fq_w(weight)
+        if torch.compiler.is_compiling():
+            return self._composed(x, _dense(weight), p)
+        seed = draw_seed() if p > 0 else 0
+        return lora_matmul(x, weight, self.base.bias, self.lora_A, self.lora_B,
+                           self.scale, self.slices, p, seed, self.conv1d)
+
+    def _composed(self, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+        """The same map written with plain differentiable ops, for torch.compile.
+
+        Under compilation the graph, not `_LoRAMatmul`, decides what is stored: inductor fuses
+        the dropout, scaling and adds into neighbouring kernels and its partitioner saves or
+        recomputes the cheap elementwise results. (The eager Function's host-side dropout seed
+        would break the graph; here dropout is inductor's own random op.)
+        """
+        bias = self.base.bias
+        out = torch.matmul(x, weight) + bias if self.conv1d else F.linear(x, weight, bias)
+        xd = F.dropout(x, p, training=True) if p > 0 else x
+        u = xd @ self.lora_A.T                                      # (..., k r)
+        if self.slices == ((0, out.shape[-1]),):
+            return out + self.scale * (u @ self.lora_B.T)
+        pieces, row, at = [], 0, 0
+        for j, (lo, hi) in enumerate(self.slices):
+            if lo > at:
+                pieces.append(out.new_zeros(*out.shape[:-1], lo - at))
+            u_j = u[..., j * self.rank:(j + 1) * self.rank]
+            pieces.append(u_j @ self.lora_B[row:row + hi - lo].T)
+            row, at = row + hi - lo, hi
+        if at < out.shape[-1]:
+            pieces.append(out.new_zeros(*out.shape[:-1], out.shape[-1] - at))
+        return out + self.scale * torch.cat(pieces, dim=-1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A as a (d_out, d_in) matrix (zero outside the adapted slices)."""
+        d_in, d_out = in_out_features(self.base)
+        delta = torch.zeros(d_out, d_in, dtype=self.lora_A.dtype, device=self.lora_A.device)
+        row = 0
+        for j, (lo, hi) in enumerate(self.slices):
+            a_j = self.lora_A[j * self.rank:(j + 1) * self.rank]
+            delta[lo:hi] = self.lora_B[row:row + hi - lo] @ a_j
+            row += hi - lo
+        return delta.mul_(self.scale)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += s B A (in place). The layer then computes base(x) only."""
+        if not self.merged:
+            self._add_delta(+1.0)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W -= s B A: undo `merge`."""
+        if self.merged:
+            self._add_delta(-1.0)
+            self.merged = False
+
+    def _add_delta(self, sign: float) -> None:
+        delta = self.delta_weight().to(self.base.weight.dtype)
+        self.base.weight.add_(delta.T if self.conv1d else delta, alpha=sign)
+
+
+# --------------------------------------------------------------------------------------------
+# Model surgery
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """The adapted layers with their module names (the base model's names, without `.base`)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """A and B of every adapted layer."""
+    return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
+
+
+def untie_weight(model: nn.Module, module: nn.Module) -> bool:
+    """Give `module` its own copy of its weight if the weight is shared with another module
+    (a tied lm_head and input embedding). Needed before training or merging into the head,
+    which would otherwise change the embeddings too. Returns True if a copy was made."""
+    weight = module.weight
+    # owners of the tensor only: a LoRALinear's `weight` property shows its base's weight,
+    # which must not count as sharing (it would untie every adapted layer on merge)
+    shared = any(m is not module and m._parameters.get("weight") is weight
+                 for m in model.modules())
+    if not shared:
+        return False
+    module.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    for config in (getattr(model, "config", None),):
+        if config is not None:
+            config.tie_word_embeddings = False
+            text = config.get_text_config() if hasattr(config, "get_text_config") else None
+            if text is not None:
+                text.tie_word_embeddings = False
+    return True
+
+
+def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The task head's modules (`loralab.models.loading.task_head_modules`): what `train_head` trains
+    fully and PEFT's `modules_to_save` names, e.g. DistilBERT's pre_classifier + classifier."""
+    from loralab.models.loading import task_head_modules
+
+    return list(task_head_modules(model).items())
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Insert adapters into `model` (in place) and return it.
+
+    Every base parameter is frozen; only the adapters (and the head, with `train_head`) train.
+    Freezing is by object: `requires_grad_(False)` on the model, then on the new parameters.
+    """
+    if has_lora(model):
+        raise UserError("model already has LoRA adapters; merge_lora() or start from a fresh model")
+    targets: list[Target] = resolve_targets(model, config.targets)
+    heads = head_modules(model) if config.train_head else []
+    clash = [t.name for t in targets for h, _ in heads
+             if t.name == h or t.name.startswith(h + ".")]
+    if clash:
+        raise UserError(f"{clash[0]} is both a LoRA target and part of the fully trained head; "
+                        "use preset 'attn-proj-ffn' with train_head, or 'all' without it")
+    model.requires_grad_(False)
+    for target in targets:
+        base = model.get_submodule(target.name)
+        layer = LoRALinear(base, config.rank, config.scale, config.dropout, target.slices,
+                           config.init)
+        _set_submodule(model, target.name, layer)
+    for _, head in heads:
+        for module in head.modules():  # a tied lm_head gets its own weight before it trains
+            if isinstance(getattr(module, "weight", None), nn.Parameter):
+                untie_weight(model, module)
+        head.requires_grad_(True)
+    return model
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """W += s B A in every adapted layer, keeping the adapters (so `unmerge_adapters` can undo
+    it). A head whose weight is tied to the embeddings is untied first."""
+    for _, layer in lora_modules(model):
+        if not layer.merged:
+            untie_weight(model, layer.base)
+        layer.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """W -= s B A in every merged layer."""
+    for _, layer in lora_modules(model):
+        layer.unmerge()
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and remove the adapters: the result is the plain
+    transformers model (same classes and parameter names), ready for `save_pretrained`."""
+    merge_adapters(model)
+    for name, layer in lora_modules(model):
+        _set_submodule(model, name, layer.base)
+    return model
+
+
+def describe_targets(model: nn.Module, config: LoRAConfig) -> list[dict]:
+    """One row per module `config` would adapt: name, kind, shape, slices, LoRA parameters
+    r (d_in + d_out_j) summed over its slices. Does not change the model."""
+    rows = []
+    for target in resolve_targets(model, config.targets):
+        module = model.get_submodule(target.name)
+        d_in, d_out = in_out_features(module)
+        slices = target.slices or ((0, d_out),)
+        params = sum(config.rank * (d_in + hi - lo) for lo, hi in slices)
+        rows.append({"name": target.name, "kind": type(module).__name__, "d_in": d_in,
+                     "d_out": d_out, "slices": [list(s) for s in slices] if target.slices else None,
+                     "lora_params": params})
+    return rows
+
+
+__all__ = [
+    "PRESETS", "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "merge_adapters",
+    "unmerge_adapters", "lora_modules", "lora_parameters", "has_lora", "untie_weight",
+    "describe_targets", "lora_matmul", "scaling",
+]

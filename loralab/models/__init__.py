@@ -1,0 +1,1 @@
+"""Loading pretrained models and tokenizers, and their task heads."""

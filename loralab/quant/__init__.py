@@ -1,0 +1,1 @@
+"""Quantization: schemes, fake quantization for QAT, quantized bases, deployment."""

@@ -1,0 +1,1 @@
+"""The study report: collecting runs, tables, rendering and plots."""

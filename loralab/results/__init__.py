@@ -1,0 +1,1 @@
+"""The results database that studies write and reports read."""

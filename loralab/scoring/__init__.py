@@ -1,0 +1,1 @@
+"""Scores of model outputs: perplexity/classification metrics, E2E metrics, decoding."""

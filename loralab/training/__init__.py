@@ -1,0 +1,2 @@
+"""One training run: its config, strategies, the loop, evaluation, distribution,
+checkpoints, tracking and the run record."""
