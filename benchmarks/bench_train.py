@@ -84,7 +84,8 @@ def worker_loralab(args) -> dict:
     import datasets
     import torch
 
-    from loralab.training.train import make_config, train
+    from loralab.training.config import make_config
+    from loralab.training.loop import train
 
     model, tokenizer = _model(args.model)
     vocab = model.config.vocab_size
@@ -132,7 +133,8 @@ def worker_quality(args) -> dict:
     only. `--method none` gives the untrained model's loss, the scale to read the gap against."""
     from loralab.data.tasks import load_task_data
     from loralab.models.loading import load_model
-    from loralab.training.train import make_config, train
+    from loralab.training.config import make_config
+    from loralab.training.loop import train
 
     loaded = load_model(args.model, "lm")
     data = load_task_data("wiki-leads", "lm", loaded.tokenizer, seq_len=args.seq)

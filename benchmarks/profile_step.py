@@ -1,6 +1,6 @@
 """Where a LoRA training step's time and memory go: loralab's step vs transformers + PEFT.
 
-Builds the same step as `loralab.training.train` (the strategy's model surgery from `prepare_model`, the
+Builds the same step as `loralab.training.loop` (the strategy's model surgery from `prepare_model`, the
 fused causal-LM loss, fused AdamW) and the hand-written PEFT step of `bench_train.py`, then
 
 - times forward (for loralab this includes the fused loss's gradient, formed in the forward
@@ -43,7 +43,8 @@ def build(side: str, dropout: float, rank: int, preset: str, model_name: str):
     """(model, loss_fn(ids) -> scalar loss, optimizer) for 'loralab' or 'peft'."""
     from loralab.kernels.losses import CausalLMLoss
     from loralab.lora.targets import resolve_targets
-    from loralab.training.train import make_config, prepare_model
+    from loralab.training.config import make_config
+    from loralab.training.strategy_ops import prepare_model
 
     model, _ = bench_model(model_name)  # seeds torch; the same models as bench_train.py
     if side == "peft":

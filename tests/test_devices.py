@@ -67,7 +67,8 @@ def test_prepare_model_installs_cpu_speedups_on_the_cpu_only(device):
     from loralab.kernels.attention import NAME
     from loralab.lora.dropout import SeededDropout
     from loralab.kernels.lean_mlp import LeanGeluMLP
-    from loralab.training.train import make_config, prepare_model
+    from loralab.training.config import make_config
+    from loralab.training.strategy_ops import prepare_model
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64,

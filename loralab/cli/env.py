@@ -35,7 +35,7 @@ def environment_report() -> dict:
     from loralab import __version__, bundled
     from loralab.kernels import hostmem
     from loralab.costs.measure import cpu_info, native_bf16
-    from loralab.training.train import resolve_precision
+    from loralab.training.precision import resolve_precision
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cpu = cpu_info()

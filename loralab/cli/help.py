@@ -3,7 +3,7 @@
 The train options default to None on the command line (so a `--config` file's value is not
 overridden by a default nobody typed), which would make argparse show no default at all. The
 defaults shown are `TrainConfig`'s own, and an option without help text gets its field's
-docstring: both read from the source of `loralab/training/train.py` with `ast`, without importing it,
+docstring: both read from the source of `loralab/training/config.py` with `ast`, without importing it,
 because importing it imports torch and `loralab --help` must stay fast (loralab/__init__.py).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 def train_config_fields() -> dict[str, tuple[Any, str]]:
     """TrainConfig field -> (default, first sentence of its docstring), from the source.
     A default that is not a literal (an expression) is given as its source text."""
-    spec = importlib.util.find_spec("loralab.training.train")
+    spec = importlib.util.find_spec("loralab.training.config")
     if spec is None or spec.origin is None:  # pragma: no cover - part of this package
         return {}
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))

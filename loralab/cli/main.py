@@ -364,7 +364,7 @@ the GPU has bf16), fp32 elsewhere; the record keeps both (config.precision, env.
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
-    from loralab.training.train import config_fields
+    from loralab.training.config import config_fields
 
     return {name: getattr(args, name) for name in config_fields()
             if getattr(args, name, None) is not None}
@@ -383,14 +383,15 @@ def _mfu_text(costs: dict, estimates: dict) -> str:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from loralab.training.train import config_from_yaml, train
+    from loralab.training.config import config_from_yaml
+    from loralab.training.loop import train
 
     overrides = _train_overrides(args)
     previous = Path(args.out or "", "record.json")
     if args.resume and args.config is None and args.out and previous.exists():
         import json
 
-        from loralab.training.train import make_config
+        from loralab.training.config import make_config
 
         # resume with the run's own config (command-line options still override it)
         saved = json.loads(previous.read_text()).get("config") or {}
@@ -430,7 +431,7 @@ EVAL_EPILOG = """examples:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from loralab.training.train import evaluate_saved
+    from loralab.training.saved import evaluate_saved
 
     results = evaluate_saved(run_dir=_run_dir(args, required=False), model=args.model, adapter=args.adapter,
                              data=args.data, task=args.task, splits=tuple(args.split or ()),

@@ -37,7 +37,8 @@ def run_counts(model, args: argparse.Namespace, alpha: float) -> tuple[int, int]
     """(trainable, total) parameters of a `--method lora` run with these targets, as its
     record counts them. Prepares (changes) `model`."""
     from loralab.costs.measure import count_parameters
-    from loralab.training.train import TrainConfig, prepare_model
+    from loralab.training.config import TrainConfig
+    from loralab.training.strategy_ops import prepare_model
 
     targets = args.targets or args.preset
     config = TrainConfig(model=args.model, task=args.task, method="lora", preset=targets,

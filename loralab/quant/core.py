@@ -829,7 +829,7 @@ def compare_quantization(model: str = "minilm-l6", task: str = "classify",
     the held-out split, size of the saved state dict, and the median forward latency on this
     CPU (the three models timed interleaved on the same batch, so machine load hits all alike).
     """
-    from loralab.training import train as train_mod
+    from loralab.training import loop as train_mod
     from loralab.data.tasks import load_task_data
     from loralab.lora.layer import merge_lora
     from loralab.models.loading import load_model

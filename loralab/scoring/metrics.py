@@ -7,7 +7,7 @@ label is -100 (padding, prompts, masked tokens) are ignored.
 
 Generation metrics (BLEU, NIST, METEOR, ROUGE, CIDEr, chrF, TER) are in `loralab.scoring.e2e`;
 decoding is in `loralab.scoring.decode`; classification scores are scikit-learn's
-(`loralab.training.train.classification_scores`).
+(`loralab.training.loop.classification_scores`).
 """
 
 from __future__ import annotations

@@ -541,7 +541,7 @@ def pin_precision(config: dict[str, Any], native_bf16: bool | None = None) -> di
         return config
     import torch
 
-    from loralab.training.train import resolve_precision
+    from loralab.training.precision import resolve_precision
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = resolve_precision("auto", device, native_bf16=native_bf16)
@@ -633,7 +633,7 @@ def to_train_config(config: dict[str, Any]):
     """A study run config -> `train.TrainConfig`. A setting TrainConfig does not know is a
     UserError (silently dropping, say, `dropout` would make a study measure something other
     than what it says)."""
-    from loralab.training.train import make_config
+    from loralab.training.config import make_config
 
     return make_config({k: v for k, v in config.items() if k not in _STUDY_ONLY})
 
@@ -679,9 +679,9 @@ def build_task_data(config: dict[str, Any], tokenizer):
 
 
 def default_run_fn(config: dict[str, Any], resume: bool) -> dict[str, Any]:
-    """Train one run with `loralab.training.train.train` (imported lazily: it pulls in torch), on data
+    """Train one run with `loralab.training.loop.train` (imported lazily: it pulls in torch), on data
     built by `build_task_data` so the record's metrics are keyed by the study's eval sets."""
-    from loralab.training import train as train_mod
+    from loralab.training import loop as train_mod
     from loralab.training.checkpoint import seed_everything
     from loralab.models.loading import load_model
 

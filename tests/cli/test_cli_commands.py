@@ -189,7 +189,7 @@ def test_compare_dry_run_plan_sees_finished_runs(tmp_path, capsys):
 # ----------------------------------------------------------------------------- train --help
 def test_ast_read_defaults_equal_train_config_defaults():
     from loralab.cli.help import train_config_fields
-    from loralab.training.train import TrainConfig
+    from loralab.training.config import TrainConfig
 
     fields = train_config_fields()
     for f in dataclasses.fields(TrainConfig):
@@ -199,7 +199,7 @@ def test_ast_read_defaults_equal_train_config_defaults():
 
 
 def test_train_help_shows_every_option_with_help_and_default():
-    from loralab.training.train import TrainConfig
+    from loralab.training.config import TrainConfig
 
     parser = build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]
@@ -278,7 +278,8 @@ def test_targets_groups_by_module_kind_and_all_lists_every_module(tiny_llama_dir
 def test_targets_percentage_counts_what_a_run_records(tiny_llama_dir, tmp_path, capsys):
     """The old count divided the LoRA parameters by the base model's alone; a run's record
     divides its trainable parameters by all of them, LoRA factors included."""
-    from loralab.training.train import make_config, train
+    from loralab.training.config import make_config
+    from loralab.training.loop import train
 
     model = str(tiny_llama_dir / "llama")
     assert main(["targets", model, "--preset", "attn", "--rank", "4", "--json"]) == 0

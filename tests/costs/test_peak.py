@@ -152,7 +152,8 @@ def _tiny_lm_run(out, **kw) -> tuple[dict, tuple]:
     import datasets
 
     from conftest import tiny_gpt2
-    from loralab.training.train import TrainConfig, train
+    from loralab.training.config import TrainConfig
+    from loralab.training.loop import train
 
     g = torch.Generator().manual_seed(0)
 

@@ -91,7 +91,8 @@ def test_train_with_compile_on_matches_eager(tmp_path):
     records that it compiled; the blocks run eagerly again afterwards."""
     from test_train import Loaded, lm_data
 
-    from loralab.training.train import TrainConfig, train
+    from loralab.training.config import TrainConfig
+    from loralab.training.loop import train
 
     curves = {}
     for setting in ("off", "on"):

@@ -227,7 +227,8 @@ def test_full_fine_tuning_gpt2_gets_the_fused_gelu_with_the_same_weight_gradient
     untouched transformers model up to rounding."""
     import copy
 
-    from loralab.training.train import make_config, prepare_model
+    from loralab.training.config import make_config
+    from loralab.training.strategy_ops import prepare_model
 
     ref = _gpt2(layers=2).eval()                                 # dropout off on both sides
     model = copy.deepcopy(ref)

@@ -19,7 +19,7 @@ from loralab.scoring.metrics import (
     token_nll_sum,
     word_perplexity,
 )
-from loralab.training.train import classification_scores
+from loralab.training.evaluate import classification_scores
 
 
 def _naive_token_nlls(model, ids: list[int]) -> list[float]:

@@ -138,7 +138,7 @@ def test_bundled_studies_parse():
     for name, path in bundled.items():
         s = st.load_study(path)
         assert any(x.method == "none" for x in s.strategies), name
-    pytest.importorskip("loralab.training.train")
+    pytest.importorskip("loralab.training.loop")
     for path in bundled.values():  # every setting is a TrainConfig field
         st.check_configs(st.load_study(path), Path("/tmp/unused"))
     repo_copy = Path(__file__).resolve().parents[2] / "studies" / "default.yaml"
@@ -213,7 +213,7 @@ def test_failed_run_is_recorded_and_study_continues(tmp_path):
 
 
 def test_unknown_train_setting_fails_before_training(tmp_path):
-    pytest.importorskip("loralab.training.train")
+    pytest.importorskip("loralab.training.loop")
     s = st.parse_study(BASE.replace("{name: head, method: head}",
                                     "{name: head, method: head, options: {not_a_field: 1}}"))
     with pytest.raises(UserError, match="not_a_field"):
@@ -243,7 +243,7 @@ def test_compare_end_to_end_tiny_real_training(tmp_path):
 
     from loralab.cli.main import main
 
-    pytest.importorskip("loralab.training.train")
+    pytest.importorskip("loralab.training.loop")
     try:
         from loralab.models.loading import load_model
 
@@ -364,7 +364,7 @@ def test_run_fn_seeds_before_loading_the_model(monkeypatch, tmp_path):
     import torch
 
     import loralab.models.loading
-    import loralab.training.train
+    import loralab.training.loop
 
     drawn = []
 
@@ -374,7 +374,7 @@ def test_run_fn_seeds_before_loading_the_model(monkeypatch, tmp_path):
 
     monkeypatch.setattr(loralab.models.loading, "load_model", fake_load)
     monkeypatch.setattr(st, "build_task_data", lambda config, tokenizer: None)
-    monkeypatch.setattr(loralab.training.train, "train", lambda tc, **kw: {"status": "finished",
+    monkeypatch.setattr(loralab.training.loop, "train", lambda tc, **kw: {"status": "finished",
                                                                    "metrics": {}, "costs": {}})
     config = st.run_matrix(st.parse_study(BASE), tmp_path)[1].config
     st.default_run_fn(config, False)
@@ -432,7 +432,8 @@ def tiny_lm_run_inputs(tmp_path_factory):
 
 
 def _train_tiny(inputs: Path, out: Path, method: str, quant: str | None = None, **kw) -> dict:
-    from loralab.training.train import make_config, train
+    from loralab.training.config import make_config
+    from loralab.training.loop import train
 
     values = {"model": str(inputs / "llama"), "task": "lm", "data": str(inputs / "text.txt"),
               "method": method, "preset": "attn-proj-ffn", "rank": 4, "max_steps": 6,
@@ -454,7 +455,9 @@ def test_qlora_run_reloads_on_its_quantized_base(tiny_lm_run_inputs, tmp_path, c
     from loralab.data.tasks import load_task_data
     from loralab.models.loading import load_model
     from loralab.quant.core import is_quantized_tensor, prepare_method
-    from loralab.training.train import evaluate, evaluate_saved, make_config
+    from loralab.training.evaluate import evaluate
+    from loralab.training.saved import evaluate_saved
+    from loralab.training.config import make_config
 
     inputs, run = tiny_lm_run_inputs, tmp_path / "run"
     rec = _train_tiny(inputs, run, "qlora", "nf4")
@@ -508,7 +511,7 @@ def test_reevaluating_a_run_reproduces_its_recorded_metrics(tiny_lm_run_inputs, 
                                                             method, scheme):
     """`loralab eval RUN` (train.evaluate_saved -> load_run_model) re-evaluates exactly the
     model whose metrics each method records."""
-    from loralab.training.train import evaluate_saved
+    from loralab.training.saved import evaluate_saved
 
     rec = _train_tiny(tiny_lm_run_inputs, tmp_path / "run", method, scheme, max_steps=3)
     again = evaluate_saved(run_dir=tmp_path / "run")

@@ -21,7 +21,7 @@ SCRIPT = """
 import os, sys
 sys.path[:0] = [{tests!r}, {tests!r} + "/training"]
 from test_distributed import job, resumable
-from loralab.training.train import TrainingDiverged
+from loralab.training.loop import TrainingDiverged
 out = {out!r}
 for method in ("lora", "head"):
     job(out + "/" + method, method)
@@ -57,7 +57,8 @@ def job(out: str, method: str, model: str = "gpt2", parallel: str = "auto") -> d
     `bert` is sequence classification (no fused loss, the model's own forward)."""
     from test_train import Loaded, cls_data, lm_data
 
-    from loralab.training.train import TrainConfig, train
+    from loralab.training.config import TrainConfig
+    from loralab.training.loop import train
 
     task = "classify" if model == "bert" else "lm"
     config = TrainConfig(model="tiny", task=task, method=method, out=out, max_steps=4,
@@ -72,7 +73,8 @@ def resumable(out: str, resume: bool = False) -> dict:
     (epoch end, evaluation), 6; warm-up + cosine."""
     from test_train import Loaded, lm_data
 
-    from loralab.training.train import TrainConfig, train
+    from loralab.training.config import TrainConfig
+    from loralab.training.loop import train
 
     config = TrainConfig(model="tiny", task="lm", method="full", out=out, max_steps=6,
                          batch_size=4, grad_accum=2, lr=1e-2, eval_every=3, checkpoint_every=2,

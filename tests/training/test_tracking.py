@@ -17,7 +17,7 @@ from test_train import Loaded, lm_data, train
 from loralab.study import runner as st
 from loralab.training import tracking
 from loralab.errors import UserError
-from loralab.training.train import TrainConfig, make_config
+from loralab.training.config import TrainConfig, make_config
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ def test_cli_report_to_reaches_the_train_config_and_the_study(tmp_path, monkeypa
     from loralab.cli import main as cli
 
     seen: dict = {}
-    monkeypatch.setattr("loralab.training.train.train",
+    monkeypatch.setattr("loralab.training.loop.train",
                         lambda config, resume=False: seen.setdefault("config", config) and {
                             "status": "failed"})
     assert cli.main(["train", "--model", "tiny", "--out", str(tmp_path / "r"),
@@ -429,13 +429,13 @@ def test_study_sends_generation_scores_to_the_run_trackers(monkeypatch, tmp_path
     generation costs, not the eval set's loss again. A tracker that cannot be reached leaves a
     note in record.json instead of failing the run."""
     import loralab.models.loading
-    import loralab.training.train
+    import loralab.training.loop
 
     where = {"mlflow": {"tracking_uri": "sqlite:///x.db", "run_id": "abc"}}
     monkeypatch.setattr(loralab.models.loading, "load_model", lambda *a, **k: type(
         "Loaded", (), {"model": None, "tokenizer": None})())
     monkeypatch.setattr(st, "build_task_data", lambda config, tokenizer: None)
-    monkeypatch.setattr(loralab.training.train, "train", lambda tc, **kw: {
+    monkeypatch.setattr(loralab.training.loop, "train", lambda tc, **kw: {
         "status": "finished", "metrics": {"gen": {"loss": 2.0}}, "costs": {},
         "curves": {"train_loss": [[2, 2.5]]}, "tracking": where, "notes": []})
 

@@ -18,8 +18,11 @@ import torch.nn.functional as F
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from loralab.costs import measure
 from loralab.errors import UserError
-from loralab.training.train import (TrainConfig, TrainingDiverged, config_from_yaml, decay_groups,
-                           epoch_order, frozen_body, lr_factor, make_config, train)
+from loralab.training.config import TrainConfig, config_from_yaml, make_config
+from loralab.training.loop import TrainingDiverged, train
+from loralab.training.optim import decay_groups, lr_factor
+from loralab.training.batching import epoch_order
+from loralab.training.strategy_ops import frozen_body
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -134,7 +137,7 @@ def test_config_rejects_bad_values(bad):
 
 def test_parallel_mode_per_method_and_world_size():
     """auto: FSDP for full fine-tuning only; one process is always 'single'."""
-    from loralab.training.train import Dist, _parallel_mode
+    from loralab.training.distributed import Dist, _parallel_mode
 
     two = Dist(rank=0, world=2)
     modes = {(m, p): _parallel_mode(TrainConfig(method=m, parallel=p), two)
@@ -365,7 +368,7 @@ def test_bf16_and_grad_checkpointing(tmp_path):
 
 def test_resolve_precision_decisions():
     """auto -> bf16 only where bf16 is native; an explicit precision is kept either way."""
-    from loralab.training.train import resolve_precision
+    from loralab.training.precision import resolve_precision
 
     assert TrainConfig().precision == "auto"
     for device in ("cpu", "cuda", torch.device("cpu")):
@@ -381,7 +384,7 @@ def test_resolve_precision_decisions():
 
 
 def test_precision_note_names_the_cpu_and_its_flags():
-    from loralab.training.train import precision_note
+    from loralab.training.precision import precision_note
 
     amd = measure.CPUInfo(model="AMD EPYC 7B13", flags=("avx2", "fma"))
     amx = measure.CPUInfo(model="Intel Xeon 8481C", flags=measure.CPU_FLAGS)
@@ -403,7 +406,7 @@ def test_auto_precision_run_records_both_and_computes_in_the_resolved_one(tmp_pa
     the CPU, and why; its losses and metrics are those of the explicit resolved precision
     (autocast and evaluation both follow it). The machine's answer is patched so both branches
     run here; bf16 on a CPU without it is emulated, slower but the same arithmetic."""
-    import loralab.training.train as train_module
+    import loralab.training.loop as train_module
 
     monkeypatch.setattr(measure, "native_bf16", lambda device, cpu=None: native)
     resolved = "bf16" if native else "fp32"
@@ -447,7 +450,7 @@ def test_evaluate_resolves_auto_for_its_device(monkeypatch):
     """evaluate() with precision auto equals evaluate() at the precision auto resolves to."""
     from dataclasses import replace
 
-    from loralab.training.train import evaluate
+    from loralab.training.evaluate import evaluate
 
     model = tiny_gpt2().eval()
     data = lm_data(n=4, n_val=8)
@@ -471,7 +474,7 @@ def test_evaluate_scores_causal_lms_without_building_full_logits(make):
     from dataclasses import replace
 
     from loralab.lora.layer import LoRAConfig, apply_lora
-    from loralab.training.train import evaluate
+    from loralab.training.evaluate import evaluate
 
     model = make()
     apply_lora(model, LoRAConfig(rank=2, alpha=4.0, targets="all"))
@@ -501,7 +504,7 @@ def test_final_evaluation_reuses_a_complete_evaluation_of_the_same_weights(tmp_p
     """The validation pass of the last step (or of the restored best step) is not run again at
     the end when it read every example; a partial one (eval_batches) is, over every example.
     The reused metrics equal a fresh evaluation of the final weights."""
-    import loralab.training.train as train_module
+    import loralab.training.loop as train_module
 
     calls: list[tuple[int, int]] = []
     real = train_module.evaluate
@@ -696,7 +699,8 @@ def test_prepare_model_uses_seeded_dropout_and_attention_for_training_methods():
 
     from loralab.kernels.attention import NAME
     from loralab.lora.dropout import SeededDropout
-    from loralab.training.train import make_config, prepare_model
+    from loralab.training.config import make_config
+    from loralab.training.strategy_ops import prepare_model
 
     for method, swapped in (("lora", True), ("full", True), ("head", False)):
         torch.manual_seed(0)
@@ -715,7 +719,7 @@ def test_final_evaluation_is_announced_shown_and_can_be_bounded(tmp_path, capsys
     lines when stderr is not a terminal), and eval_max_examples bounds every evaluation split
     to the same fixed subset a study takes; the metrics are those of that subset."""
     from loralab.data.tasks import subsample
-    from loralab.training.train import evaluate
+    from loralab.training.evaluate import evaluate
 
     data = lm_data(n=16, n_val=40)
     data.splits["test"] = lm_data(n=4, n_val=40, seed=2).splits["validation"]
@@ -791,7 +795,7 @@ def test_multilayer_head_is_trained_saved_and_reproduced(base_checkpoints, tmp_p
     module left out of the file would be re-drawn at random on each reload)."""
     from safetensors import safe_open
 
-    from loralab.training.train import evaluate_saved
+    from loralab.training.saved import evaluate_saved
 
     out = tmp_path / "run"
     rec = train(make_config({
