@@ -19,10 +19,10 @@ loralab.costs.measure.RSSSampler, started after the model and optimizer exist, o
     # validation loss after the same steps from the same seed
     python benchmarks/bench_train.py precision --batch 4 --seq 128 --steps 20 --lr 1e-3
 
-Host memory (`loralab.kernels.hostmem`): the `loralab` command starts with tcmalloc preloaded where the
-library is installed (else with PyTorch's transparent-huge-page allocation), so the loralab
-worker is launched in the environment the command would give it (it stands for a `loralab train`
-run); the PEFT worker runs with the process defaults, as a hand-written script does.
+Host memory (`loralab.kernels.hostmem`): the `loralab` command starts with tcmalloc preloaded
+where the library is installed (else with PyTorch's transparent-huge-page allocation), so the
+loralab worker is launched in the environment the command would give it (it stands for a
+`loralab train` run); the PEFT worker runs with the process defaults, as a hand-written script does.
 `--ablate-host-memory` adds three interleaved sides: loralab with the process defaults, loralab
 with huge pages only (the command's setting before tcmalloc), and PEFT with the command's
 setting, so the setting's share of the speed-up is measured, not assumed.
@@ -204,8 +204,8 @@ def worker_inference(args) -> dict:
     import torch
     from torch import nn
 
-    from loralab.lora.layer import LoRAConfig, apply_lora, lora_modules, merge_adapters, \
-        unmerge_adapters
+    from loralab.lora.config import LoRAConfig
+    from loralab.lora.inject import apply_lora, lora_modules, merge_adapters, unmerge_adapters
 
     model, _ = _model(args.model)
     model.eval()
@@ -358,7 +358,8 @@ def methods(args) -> None:
 
     from loralab.costs.peak import benchmark_shapes, mfu_figure
 
-    # loralab's peak (loralab.costs.peak): best-of-k F.linear at the model's own largest shapes, fp32.
+    # loralab's peak (loralab.costs.peak): best-of-k F.linear at the model's own largest shapes,
+    # fp32.
     # Timed here once more, between the workers (the machine as idle as this run gets it), and
     # the highest of that and the peaks the workers divided by is used for every row.
     runs_all = [r for runs in results.values() for r in runs]

@@ -1,6 +1,6 @@
 """Where a LoRA training step's time and memory go: loralab's step vs transformers + PEFT.
 
-Builds the same step as `loralab.training.loop` (the strategy's model surgery from `prepare_model`, the
+Builds the same step as `loralab.training.loop` (`Strategy.prepare`'s model surgery, the
 fused causal-LM loss, fused AdamW) and the hand-written PEFT step of `bench_train.py`, then
 
 - times forward (for loralab this includes the fused loss's gradient, formed in the forward
@@ -44,7 +44,7 @@ def build(side: str, dropout: float, rank: int, preset: str, model_name: str):
     from loralab.kernels.losses import CausalLMLoss
     from loralab.lora.targets import resolve_targets
     from loralab.training.config import make_config
-    from loralab.training.strategy_ops import prepare_model
+    from loralab.training.strategies.base import strategy_for
 
     model, _ = bench_model(model_name)  # seeds torch; the same models as bench_train.py
     if side == "peft":
@@ -62,7 +62,7 @@ def build(side: str, dropout: float, rank: int, preset: str, model_name: str):
         config = make_config(model=model_name, task="lm", data="synthetic", method="lora",
                              preset=preset, rank=rank, alpha=2.0 * rank, dropout=dropout,
                              out="unused")
-        prepare_model(model, config)
+        strategy_for(config).prepare(model)
         net = CausalLMLoss(model)
 
         def loss_fn(ids):

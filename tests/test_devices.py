@@ -1,8 +1,8 @@
 """Issue 22: defaults that stay right on a GPU. The device decision (loralab.devices) is one
 pure function, tested here for CPU and CUDA (no GPU on this machine: the decision is what is
 tested, and prepare_model / the training loop are shown to follow it); training batches come
-through a DataLoader in exactly the old order (loralab.training.batching); the package metadata uses an
-SPDX license string."""
+through a DataLoader in exactly the old order (loralab.training.batching); the package metadata
+uses an SPDX license string."""
 
 from __future__ import annotations
 
@@ -65,16 +65,16 @@ def test_prepare_model_installs_cpu_speedups_on_the_cpu_only(device):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from loralab.kernels.attention import NAME
-    from loralab.lora.dropout import SeededDropout
     from loralab.kernels.lean_mlp import LeanGeluMLP
+    from loralab.lora.dropout import SeededDropout
     from loralab.training.config import make_config
-    from loralab.training.strategy_ops import prepare_model
+    from loralab.training.strategies.base import strategy_for
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64,
                                        n_positions=32, attn_implementation="sdpa"))
-    prepare_model(model, make_config(model="tiny", task="lm", data="synthetic", method="lora",
-                                     out="unused"), device)
+    strategy_for(make_config(model="tiny", task="lm", data="synthetic", method="lora",
+                             out="unused")).prepare(model, device)
     kinds = {type(m) for m in model.modules()}
     on_cpu = device == "cpu"
     assert (SeededDropout in kinds) == on_cpu and (nn.Dropout in kinds) != on_cpu

@@ -13,10 +13,14 @@ import os
 import platform
 from importlib import metadata
 
-ENV_EPILOG = """examples:
-  loralab env            # paste this into a bug report
-  loralab env --json
-"""
+import torch
+from datasets import config as ds_config
+from huggingface_hub import constants
+
+from loralab import __version__, bundled
+from loralab.costs.measure import cpu_info, native_bf16
+from loralab.kernels import hostmem
+from loralab.training.precision import resolve_precision
 
 LIBRARIES = ("torch", "transformers", "peft", "datasets", "numpy", "safetensors", "tokenizers")
 
@@ -30,13 +34,6 @@ def _version(dist: str) -> str | None:
 
 def environment_report() -> dict:
     """The facts `loralab env` prints, as a mapping (keys in print order)."""
-    import torch
-
-    from loralab import __version__, bundled
-    from loralab.kernels import hostmem
-    from loralab.costs.measure import cpu_info, native_bf16
-    from loralab.training.precision import resolve_precision
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cpu = cpu_info()
     info: dict = {"loralab": __version__, "python": platform.python_version(),
@@ -53,23 +50,14 @@ def environment_report() -> dict:
     info["allocator"] = hostmem.allocator_in_use()
     info["huge_pages"] = hostmem.huge_pages_active(os.environ)
     info["loralab_cache"] = str(bundled.cache_dir())
-    try:
-        from huggingface_hub import constants
-
-        info["hf_hub_cache"] = str(constants.HF_HUB_CACHE)
-        info["hf_hub_offline"] = bool(constants.HF_HUB_OFFLINE)
-    except ImportError:  # pragma: no cover - transformers depends on it
-        info["hf_hub_cache"] = None
-    try:
-        from datasets import config as ds_config
-
-        info["hf_datasets_cache"] = str(ds_config.HF_DATASETS_CACHE)
-    except ImportError:  # pragma: no cover - a dependency
-        info["hf_datasets_cache"] = None
+    info["hf_hub_cache"] = str(constants.HF_HUB_CACHE)
+    info["hf_hub_offline"] = bool(constants.HF_HUB_OFFLINE)
+    info["hf_datasets_cache"] = str(ds_config.HF_DATASETS_CACHE)
     return info
 
 
-def _cmd_env(args: argparse.Namespace) -> int:
+def run_env(args: argparse.Namespace) -> int:
+    """Print the environment report as aligned lines (or JSON)."""
     info = environment_report()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -81,12 +69,4 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register `loralab env`."""
-    p = sub.add_parser("env", help="versions, device, bf16, allocator and cache paths "
-                                   "(for bug reports)",
-                       description="Print the versions, device, native bf16 support, allocator "
-                                   "and cache directories of this installation.",
-                       epilog=ENV_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_env)
+RUN = {"env": run_env}

@@ -9,22 +9,18 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import cast
 
+import yaml
+
+from loralab import study
 from loralab.errors import UserError
-
-STUDIES_EPILOG = """examples:
-  loralab studies                                  # the bundled studies, one line each
-  loralab studies show gpt2-wikitext2-offline      # print one
-  loralab studies copy default my-study.yaml       # copy it to edit, then:
-  loralab compare my-study.yaml budget.max_steps=5 --dry-run
-"""
+from loralab.results.database import DB_NAME, ResultsDB
 
 
 def description(path: Path, limit: int = 100) -> str:
     """One line about a study file: its `description:` key, else the first sentence of its
     leading comment block, cut to `limit` characters."""
-    import yaml
-
     text = path.read_text(encoding="utf-8")
     try:
         raw = yaml.safe_load(text)
@@ -59,9 +55,7 @@ def _renamed_copy(text: str, name: str) -> tuple[str, bool]:
 
 
 def _bundled(name: str) -> Path:
-    from loralab.study.runner import bundled_studies
-
-    studies = bundled_studies()
+    studies = study.bundled_studies()
     stem = name.removesuffix(".yaml")
     if stem not in studies:
         raise UserError(f"no bundled study named {name!r}; bundled studies: "
@@ -69,11 +63,10 @@ def _bundled(name: str) -> Path:
     return studies[stem]
 
 
-def _cmd_studies(args: argparse.Namespace) -> int:
-    from loralab.study.runner import bundled_studies
-
+def run_studies(args: argparse.Namespace) -> int:
+    """List, show or copy the bundled studies."""
     if args.action in (None, "list", "ls"):
-        studies = bundled_studies()
+        studies = study.bundled_studies()
         width = max(len(n) for n in studies)
         for name in sorted(studies):
             print(f"{name:<{width}}  {description(studies[name])}")
@@ -104,21 +97,6 @@ def _cmd_studies(args: argparse.Namespace) -> int:
     raise UserError(f"unknown action {args.action!r}; use list, show NAME or copy NAME DEST")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register `loralab studies`."""
-    p = sub.add_parser("studies", help="list, show or copy the bundled study files",
-                       description="The bundled studies: list them (one line each), print one "
-                                   "(show), or copy one to a file to edit (copy).",
-                       epilog=STUDIES_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", nargs="?", choices=("list", "ls", "show", "cat", "copy", "cp"),
-                   help="list (the default), show NAME, or copy NAME DEST")
-    p.add_argument("name", nargs="?", help="bundled study name (see `loralab studies`)")
-    p.add_argument("dest", nargs="?", help="copy: destination file or directory")
-    p.add_argument("--force", action="store_true", help="copy: overwrite an existing DEST")
-    p.set_defaults(func=_cmd_studies)
-
-
 class _NoDB:
     """Stands in for a results database that does not exist yet: no run is recorded."""
 
@@ -126,19 +104,14 @@ class _NoDB:
         return None
 
 
-def dry_run(spec, out_dir: Path) -> int:
+def dry_run(spec: study.Study, out_dir: Path) -> int:
     """Print the resolved study (after overrides) as YAML and its plan: each run, what would
     happen to it (train, resume, skip, ingest) and its settings. Trains and writes nothing."""
-    import yaml
-
-    from loralab.study import runner as study
-    from loralab.results.database import DB_NAME, ResultsDB
-
     study.check_configs(spec, out_dir)  # every run's settings are valid TrainConfig fields
     print(f"# study {spec.name} (from {spec.path}), resolved")
     print(yaml.safe_dump(study.study_summary(spec), sort_keys=False, width=100).rstrip())
     db_path = out_dir / DB_NAME
-    db = ResultsDB(db_path) if db_path.is_file() else _NoDB()
+    db = ResultsDB(db_path) if db_path.is_file() else cast(ResultsDB, _NoDB())
     try:
         actions = list(study.plan(spec, out_dir, db))
     finally:
@@ -149,5 +122,8 @@ def dry_run(spec, out_dir: Path) -> int:
           f"{len(spec.seeds)} seeds), {todo} to run, output {out_dir}")
     width = max(len(s.run_id) for s, _ in actions)
     for run, action in actions:
-        print(f"{action:<6}  {run.run_id:<{width}}  {study._describe(run.config)}")
+        print(f"{action:<6}  {run.run_id:<{width}}  {study.describe_run(run.config)}")
     return 0
+
+
+RUN = {"studies": run_studies}

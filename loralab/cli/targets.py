@@ -4,8 +4,8 @@ The default output is one line per kind of module (per-layer names collapsed to 
 `model.layers.*.self_attn.q_proj`) with its count, shape and LoRA parameters; `--all` lists
 every module. The trainable count and percentage are the ones a `loralab train --method lora`
 run records (`costs.trainable_params`, `costs.trainable_pct`): the model is prepared exactly as
-training prepares it (`train.prepare_model`, so a classifier's head trains too) and counted by
-the same function (`measure.count_parameters`: tied weights once, LoRA factors included in
+training prepares it (the strategy's `prepare`, so a classifier's head trains too) and counted by
+the same function (`quant.count_parameters`: tied weights once, LoRA factors included in
 the total).
 """
 
@@ -14,6 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
+
+import torch
+from torch import nn
+
+from loralab.lora.config import LoRAConfig
+from loralab.lora.inject import describe_targets
+from loralab.models.loading import load_model
+from loralab.quant import count_parameters
+from loralab.training.config import TrainConfig
+from loralab.training.strategies.base import strategy_for
 
 
 def group_rows(rows: list[dict]) -> list[dict]:
@@ -33,26 +43,18 @@ def group_rows(rows: list[dict]) -> list[dict]:
     return list(groups.values())
 
 
-def run_counts(model, args: argparse.Namespace, alpha: float) -> tuple[int, int]:
+def run_counts(model: nn.Module, args: argparse.Namespace, alpha: float) -> tuple[int, int]:
     """(trainable, total) parameters of a `--method lora` run with these targets, as its
     record counts them. Prepares (changes) `model`."""
-    from loralab.costs.measure import count_parameters
-    from loralab.training.config import TrainConfig
-    from loralab.training.strategy_ops import prepare_model
-
     targets = args.targets or args.preset
     config = TrainConfig(model=args.model, task=args.task, method="lora", preset=targets,
                          rank=args.rank, alpha=alpha, num_labels=args.num_labels)
-    prepare_model(model, config)
+    strategy_for(config).prepare(model)
     return count_parameters(model)
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    import torch
-
-    from loralab.lora.layer import LoRAConfig, describe_targets
-    from loralab.models.loading import load_model
-
+    """Print the adapted modules (grouped, or --all) and the counts a lora run records."""
     config = LoRAConfig(rank=args.rank, alpha=args.alpha or 2.0 * args.rank,
                         targets=args.targets or args.preset)
     torch.manual_seed(0)
@@ -87,3 +89,6 @@ def cmd_targets(args: argparse.Namespace) -> int:
     if not args.all:
         print("(one line per kind of module; --all lists every module)")
     return 0
+
+
+RUN = {"targets": cmd_targets}

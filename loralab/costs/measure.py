@@ -1,12 +1,13 @@
 """What a training run costs: parameters, bytes on disk, time, memory and FLOPs.
 
 Everything here is a small pure function or a context manager that the training loop wraps
-around its work; nothing keeps global state. The cost model follows DESIGN section 5
-(EleutherAI "Transformer Math 101", the LoRA paper):
+around its work; nothing keeps global state. The cost model (EleutherAI "Transformer Math
+101", the LoRA paper), by what a run trains:
 
-    training FLOPs per token  full  ~ 6 N        (2N forward, 2N grad wrt activations, 2N wrt weights)
-                              lora  ~ 4 N + sum over adapted layers 6 r (d_in + d_out)
-                              head  ~ 2 N + 6 N_head   (the body runs forward only)
+    training FLOPs per token  every weight      ~ 6 N   (2N forward, 2N grad wrt activations,
+                                                          2N wrt weights)
+                              adapters in body  ~ 4 N + sum over adapted layers 6 r (d_in + d_out)
+                              the head only     ~ 2 N + 4 N_head   (the body runs forward only)
 
 where N counts the weights that take part in a matmul per token (linear / Conv1D layers; an
 embedding lookup costs no FLOPs). Model FLOPs utilisation (MFU) divides achieved FLOP/s by
@@ -17,33 +18,25 @@ the machine's matmul peak, measured at the model's own shapes and checked agains
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
+import psutil
 import torch
 from torch import nn
 
 from loralab.kernels import hostmem
-
+from loralab.quant.tensors import is_quantized_tensor, tensor_bytes
 
 # --- parameters and bytes ------------------------------------------------------------------
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) logical parameter counts; tied weights are counted once. Quantized
-    weights (torchao tensor subclasses, bitsandbytes packed 4-bit) count the parameters they
-    stand for, not their packed storage elements (loralab.quant.core.count_parameters)."""
-    from loralab.quant.core import count_parameters as _count
-
-    return _count(model)
-
-
 def parameter_bytes(params: list[nn.Parameter] | Iterator[nn.Parameter]) -> int:
     """Bytes held by the given parameters (each distinct storage once)."""
-    from loralab.quant.core import is_quantized_tensor, tensor_bytes
-
     seen: set[int] = set()
     n = 0
     for p in params:
@@ -58,8 +51,6 @@ def parameter_bytes(params: list[nn.Parameter] | Iterator[nn.Parameter]) -> int:
 def storage_pointers(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> set[int]:
     """Data pointers of the storages behind the tensors; a tensor subclass (a quantized weight)
     contributes the storages of its inner tensors, since the wrapper itself has none."""
-    from loralab.quant.core import is_quantized_tensor
-
     out: set[int] = set()
     for t in tensors:
         if is_quantized_tensor(t):
@@ -104,50 +95,58 @@ def matmul_parameters(model: nn.Module) -> int:
     return n
 
 
-def flops_per_token(method: str, n_matmul: int, *, lora_params: int = 0,
+def flops_per_token(n_matmul: int, *, trains: bool = True, trains_all: bool = False,
+                    body_backward: bool = True, lora_params: int = 0,
                     head_params: int = 0) -> float:
-    """Training FLOPs per token for one strategy (DESIGN section 5).
+    """Training FLOPs per token from what a run trains (the cost model of the module docstring).
 
-    full: 6N. lora: 4N (forward + gradient wrt activations; no weight gradients for the frozen
-    base) plus 6 r (d_in + d_out) per adapted layer, which summed over layers is 6 x the number
-    of adapter parameters (A is r x d_in, B is d_out x r). head: 2N forward plus 4 N_head for
-    the head's two backward matmuls. none: 0 (no training).
+    trains_all (every weight trains): 6N. body_backward (the gradient flows back through the
+    frozen body to adapters in it): 4N (forward + gradient wrt activations; no weight gradients
+    for the frozen base) plus 6 r (d_in + d_out) per adapted layer, which summed over layers is
+    6 x the adapter parameters (A is r x d_in, B is d_out x r). Neither (only the head trains,
+    the body runs forward only): 2N forward plus 4 N_head for the head's two backward matmuls.
+    Not `trains`: 0. N = `n_matmul` (`matmul_parameters`); FLOPs, not FLOP/s.
     """
-    if method == "full":
-        return 6.0 * n_matmul
-    if method in ("lora", "qat-lora", "qlora", "lora-ptq"):
-        return 4.0 * n_matmul + 6.0 * lora_params
-    if method == "head":
-        return 2.0 * n_matmul + 4.0 * head_params
-    if method == "none":
-        return 0.0
-    raise ValueError(f"unknown method {method!r}")
+    return flops_formula(n_matmul, trains=trains, trains_all=trains_all,
+                         body_backward=body_backward, lora_params=lora_params,
+                         head_params=head_params)[1]
 
 
-def flops_per_token_formula(method: str, n_matmul: int, *, lora_params: int = 0,
-                            head_params: int = 0, lora_fraction: float = 1.0) -> str:
-    """`flops_per_token` written out with the run's numbers, so a record's figure can be
-    checked by hand. lora-head mixes its two phases by the fraction of steps each took."""
-    def one(m: str) -> tuple[str, float]:
-        value = flops_per_token(m, n_matmul, lora_params=lora_params, head_params=head_params)
-        if m == "full":
-            return f"6 N = 6 x {n_matmul:,}", value
-        if m == "head":
-            return f"2 N + 4 N_head = 2 x {n_matmul:,} + 4 x {head_params:,}", value
-        if m == "none":
-            return "0 (no training)", value
-        return f"4 N + 6 A = 4 x {n_matmul:,} + 6 x {lora_params:,}", value
+def flops_formula(n_matmul: int, *, trains: bool = True, trains_all: bool = False,
+                  body_backward: bool = True, lora_params: int = 0,
+                  head_params: int = 0) -> tuple[str, float]:
+    """(the rule written out with the run's numbers, its value) for `flops_per_token`, e.g.
+    ("4 N + 6 A = 4 x 1,000 + 6 x 10", 4060.0), so a record's figure can be checked by hand."""
+    if not trains:
+        return "0 (no training)", 0.0
+    if trains_all:
+        return f"6 N = 6 x {n_matmul:,}", 6.0 * n_matmul
+    if body_backward:
+        return (f"4 N + 6 A = 4 x {n_matmul:,} + 6 x {lora_params:,}",
+                4.0 * n_matmul + 6.0 * lora_params)
+    return (f"2 N + 4 N_head = 2 x {n_matmul:,} + 4 x {head_params:,}",
+            2.0 * n_matmul + 4.0 * head_params)
 
-    where = ("N = weights in linear/Conv1D layers, A = LoRA adapter parameters, N_head = task "
-             "head parameters")
-    if method == "lora-head":
-        (lora_text, lora_value), (head_text, head_value) = one("lora"), one("head")
-        total = lora_fraction * lora_value + (1 - lora_fraction) * head_value
-        return (f"{lora_fraction:.4g} x ({lora_text}) + {1 - lora_fraction:.4g} x "
-                f"({head_text}) = {total:,.0f} ({where}; the fractions are the LoRA and "
-                "head-only shares of the steps)")
-    text, value = one(method)
-    return f"{text} = {value:,.0f} ({where})"
+
+FLOPS_WHERE = ("N = weights in linear/Conv1D layers, A = LoRA adapter parameters, N_head = task "
+               "head parameters")
+"""What the symbols of `flops_formula` stand for, appended to a record's formula."""
+
+
+def flops_per_token_formula(text: str, value: float) -> str:
+    """A record's `flops_per_token_formula`: `text = value (where the symbols are defined)`."""
+    return f"{text} = {value:,.0f} ({FLOPS_WHERE})"
+
+
+def mixed_flops_formula(parts: list[tuple[float, str, float]], shares: str
+                        ) -> tuple[str, float]:
+    """A run whose steps fall into phases with different rules: per token
+    sum_i f_i x FLOPs_i, where f_i is phase i's share of the steps. `parts` holds
+    (f_i, formula text, value) per phase, `shares` names what the fractions are; returns (the
+    record's formula, the mixed value)."""
+    total = sum(f * value for f, _, value in parts)
+    terms = " + ".join(f"{f:.4g} x ({text})" for f, text, _ in parts)
+    return f"{terms} = {total:,.0f} ({FLOPS_WHERE}; the fractions are {shares})", total
 
 
 def native_bf16(device: torch.device | str, cpu: CPUInfo | None = None) -> bool:
@@ -156,9 +155,8 @@ def native_bf16(device: torch.device | str, cpu: CPUInfo | None = None) -> bool:
     CUDA: `torch.cuda.is_bf16_supported()` (Ampere and later). CPU: only with AVX512-BF16 or
     AMX-BF16, read from the CPU's flags (`cpu_info`, the same reading every record and
     benchmark reports; torch's own CPUID check where the flags cannot be read). Without them
-    PyTorch emulates bf16 matmuls in generic kernels that convert to fp32 as they go: on an
-    AVX2 EPYC ~19 GFLOP/s for `x @ W^T` and ~1.25 for a plain `a @ b`, against 125-180 in fp32
-    (BENCHMARKS.md). There autocast only costs time."""
+    PyTorch emulates bf16 matmuls in generic kernels that convert to fp32 as they go, several
+    times slower than fp32 (figures in BENCHMARKS.md). There autocast only costs time."""
     kind = torch.device(device).type
     if kind == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
@@ -221,11 +219,9 @@ class RSSSampler:
 
     @staticmethod
     def rss() -> int:
-        import psutil
-
         return int(psutil.Process().memory_info().rss)
 
-    def start(self) -> "RSSSampler":
+    def start(self) -> RSSSampler:
         hostmem.release_free_memory()  # the baseline counts live memory, not the heap's cache
         self.baseline = self.peak = self.rss()
         self._stop.clear()
@@ -291,8 +287,6 @@ def static_tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | Non
     seen: set[int] = set()
     n = 0
 
-    from loralab.quant.core import is_quantized_tensor, tensor_bytes
-
     def add(t: torch.Tensor | None) -> None:
         nonlocal n
         if t is None or not isinstance(t, torch.Tensor) or t.numel() == 0:
@@ -336,7 +330,7 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 @dataclass(frozen=True)
 class CPUInfo:
     """The processor a run or benchmark ran on: the same code is ~30x faster or slower in bf16
-    and differs in the last bits of fp32 between an AVX2 EPYC and an AMX Xeon (DESIGN 5)."""
+    and differs in the last bits of fp32 between an AVX2 EPYC and an AMX Xeon."""
 
     model: str
     """Model name, e.g. "AMD EPYC 7B13" or "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"."""
@@ -385,8 +379,6 @@ def parse_cpuinfo(text: str) -> CPUInfo:
 def cpu_info(path: str | os.PathLike = "/proc/cpuinfo") -> CPUInfo:
     """This machine's CPUInfo: /proc/cpuinfo on Linux; elsewhere the platform's processor
     name with unknown flags."""
-    import platform
-
     try:
         info = parse_cpuinfo(Path(path).read_text(errors="replace"))
     except OSError:
@@ -413,9 +405,6 @@ def describe_device(device: torch.device | str = "cpu", cpu: CPUInfo | None = No
 def environment(device: str) -> dict:
     """Library versions, device, thread count, the CPU (model, flags that matter, native bf16;
     `cpu_info`), the GPU on CUDA, and the project's git revision."""
-    import platform
-    import subprocess
-
     env: dict = {"python": platform.python_version(), "torch": torch.__version__,
                  "device": device, "threads": torch.get_num_threads(),
                  "platform": platform.platform(), "cpu": cpu_info().to_dict(),

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loralab.bundled import cache_dir
 from loralab.costs import measure
 
 CACHE_FILE = "matmul_peak.json"
@@ -145,8 +146,6 @@ def peak_cache_key(processor: str, dtype: torch.dtype, threads: int,
 
 
 def _cache_path() -> Path:
-    from loralab.bundled import cache_dir
-
     return cache_dir() / CACHE_FILE
 
 

@@ -28,11 +28,11 @@ COMPILE_SETTINGS = ("auto", "on", "off")
 AUTO_MIN_FLOPS = 3e14
 """`auto` compiles runs whose training work, estimated as 6 x parameters x tokens (the dense
 forward + backward count), is at least this (300 TFLOP). Compile time hardly depends on the
-model (one block is compiled), while the gain per step grows with the work per step. Measured on
-SmolLM2-135M at 8 x 128 on an idle 2-core CPU (BENCHMARKS.md): compiled steps are ~4% faster
-(194 vs 186 tok/s) and peak memory drops from 0.67x to 0.49x of PEFT's; a cold compile costs
-~40-90 s. So ~360+ such steps are needed to pay it back in time. A 20-step study run or a small
-MiniLM classifier stays eager; `--compile on` buys the memory saving at any length."""
+model (one block is compiled), while the gain per step grows with the work per step: compiled
+steps are a few percent faster and keep much less for backward, while a cold compile costs
+tens of seconds (figures in BENCHMARKS.md), so hundreds of SmolLM2-sized steps are needed to
+pay it back in time. A 20-step study run or a small MiniLM classifier stays eager;
+`--compile on` buys the memory saving at any length."""
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -75,13 +75,14 @@ def uncompile_blocks(model: nn.Module) -> int:
     return n
 
 
-def should_compile(setting: str, *, method: str, total_steps: int, tokens_per_step: int = 0,
+def should_compile(setting: str, *, trains: bool, total_steps: int, tokens_per_step: int = 0,
                    params: int = 0) -> tuple[bool, str]:
-    """(compile?, why) for a run: `on`/`off` as asked; `auto` compiles trained runs whose
-    estimated work 6 * params * tokens_per_step * total_steps reaches AUTO_MIN_FLOPS."""
+    """(compile?, why) for a run: never when nothing `trains`; `on`/`off` as asked; `auto`
+    compiles runs whose estimated work 6 * params * tokens_per_step * total_steps reaches
+    AUTO_MIN_FLOPS. Raises ValueError for a setting not in COMPILE_SETTINGS."""
     if setting not in COMPILE_SETTINGS:
         raise ValueError(f"compile must be one of {COMPILE_SETTINGS}, got {setting!r}")
-    if method == "none":
+    if not trains:
         return False, "not compiled: nothing trains"
     if setting == "on":
         return True, "blocks compiled with torch.compile (--compile on)"

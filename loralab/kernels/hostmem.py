@@ -3,12 +3,12 @@
 Why: a training step allocates and frees the same large activation buffers every step. glibc
 serves blocks above its mmap threshold with fresh `mmap`s and unmaps them on `free`, so every
 step writes to brand-new pages, and each 4 KiB page costs a page fault (a kernel trap plus
-zeroing). A 1024 x 1536 fp32 tensor is 1,536 such faults; on the 2-core VM loralab is measured
-on, faulting in the output of an elementwise op took longer than the op itself, and a LoRA step
-on SmolLM2 took ~100,000 minor faults. PyTorch's CPU allocator can instead align buffers of at
-least 2 MiB to 2 MiB and `madvise(MADV_HUGEPAGE)` them (environment variable
-`THP_MEM_ALLOC_ENABLE=1`): one fault per 2 MiB instead of 512. The kernel must allow it
-(`/sys/kernel/mm/transparent_hugepage/enabled` set to `madvise` or `always`).
+zeroing). A 1024 x 1536 fp32 tensor is 1,536 such faults; on a small CPU, faulting in the
+output of an elementwise op can take longer than the op itself (BENCHMARKS.md). PyTorch's
+CPU allocator can instead align buffers of at least 2 MiB to 2 MiB and
+`madvise(MADV_HUGEPAGE)` them (environment variable `THP_MEM_ALLOC_ENABLE=1`): one fault per
+2 MiB instead of 512. The kernel must allow it (`/sys/kernel/mm/transparent_hugepage/enabled`
+set to `madvise` or `always`).
 
 The variable is read once, at torch's first CPU allocation, and it is process state, so only
 the command line applies it, before torch is imported (`enable_huge_pages`); library functions

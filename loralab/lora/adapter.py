@@ -29,8 +29,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loralab.errors import UserError
-from loralab.lora.layer import LoRALinear, has_lora, head_modules, lora_modules, untie_weight
+from loralab.lora.inject import has_lora, head_modules, lora_modules
+from loralab.lora.layer import LoRALinear
 from loralab.lora.peft_fields import check_lora_config
+from loralab.models.heads import head_parameters
+from loralab.models.surgery import untie_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,7 +51,7 @@ def _task_type(model: nn.Module) -> str | None:
 
 def _head_parts(model: nn.Module) -> tuple[list[tuple[str, nn.Module]],
                                            list[tuple[str, LoRALinear]]]:
-    """The task head (`loralab.lora.layer.head_modules`) split for saving: (modules stored whole, as
+    """The task head (`inject.head_modules`) split for saving: (modules stored whole, as
     PEFT's `modules_to_save`; LoRA layers inside the head). A head module without adapters is
     stored whole (DistilBERT: pre_classifier and classifier; RoBERTa: the classifier wrapper).
     Inside one that carries adapters (preset `all`) the adapted layers keep their adapters and
@@ -336,8 +339,6 @@ def _load_heads(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict
         trained = any(o.endswith(t) for o in owners for t in to_save)
         param.requires_grad_(trained and not frozen and not set(owners) & set(frozen_heads))
     if _task_type(model) == "SEQ_CLS":
-        from loralab.models.loading import head_parameters
-
         names = {id(p): n for n, p in model.named_parameters()}
         missing = [names[id(p)] for p in head_parameters(model) if id(p) not in written]
         if missing:

@@ -30,66 +30,15 @@ once (loralib's MergedLinear).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralab.lora.dropout import draw_seed, keep_float, random_bits
 from loralab.errors import UserError
-from loralab.lora.targets import (
-    PRESETS,
-    Target,
-    in_out_features,
-    is_adaptable,
-    resolve_targets,
-)
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """What to adapt and how."""
-
-    rank: int = 8
-    """r: the rank of each update B A."""
-    alpha: float = 16.0
-    """The update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
-    dropout: float = 0.0
-    """Dropout probability on the LoRA branch's input (training only)."""
-    targets: str | tuple[str, ...] = "qv"
-    """A preset (qv, attn, attn-proj, attn-proj-ffn, all) or module names / globs."""
-    rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
-    train_head: bool = False
-    """Also train the whole task head fully (PEFT's `modules_to_save`): every module the task
-    adds on the backbone, e.g. DistilBERT's pre_classifier + classifier (`head_modules`)."""
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    """Init of A: Kaiming-uniform as nn.Linear (PEFT's default) or N(0, 1/r) (the paper)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise UserError(f"LoRA rank must be a positive integer, got {self.rank!r}; "
-                            "use e.g. --rank 8")
-        if not self.alpha > 0:
-            raise UserError(f"LoRA alpha must be positive, got {self.alpha!r}; use e.g. --alpha 16")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise UserError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
-        if isinstance(self.targets, list):
-            object.__setattr__(self, "targets", tuple(self.targets))
-
-    @property
-    def scale(self) -> float:
-        return scaling(self.alpha, self.rank, self.rslora)
-
-
-def scaling(alpha: float, rank: int, rslora: bool = False) -> float:
-    """s = alpha / r, or alpha / sqrt(r) for rsLoRA."""
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
-
+from loralab.lora.dropout import draw_seed, keep_float, random_bits
+from loralab.lora.targets import in_out_features, is_adaptable
 
 # --------------------------------------------------------------------------------------------
 # The autograd function
@@ -115,7 +64,7 @@ class _LoRAMatmul(torch.autograd.Function):
             x2 = x.reshape(-1, d_in).to(dtype)                      # (N, d_in)
             w = _dense(weight).to(dtype)
             b = bias.to(dtype) if bias is not None else None
-            if conv1d:                                              # Conv1D stores W^T: (d_in, d_out)
+            if conv1d:                                      # Conv1D stores W^T: (d_in, d_out)
                 out = torch.addmm(b, x2, w) if b is not None else x2 @ w
             else:
                 out = F.linear(x2, w, b)                            # (N, d_out)
@@ -257,6 +206,10 @@ class LoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
+        """(A, B): the trainable factors (the `loralab.models.heads.CarriesAdapters` protocol)."""
+        return self.lora_A, self.lora_B
+
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, scale={self.scale:g}, dropout={self.dropout}, "
                 f"slices={list(self.slices)}, merged={self.merged}")
@@ -335,130 +288,4 @@ class LoRALinear(nn.Module):
         self.base.weight.add_(delta.T if self.conv1d else delta, alpha=sign)
 
 
-# --------------------------------------------------------------------------------------------
-# Model surgery
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    """The adapted layers with their module names (the base model's names, without `.base`)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
-
-
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """A and B of every adapted layer."""
-    return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
-
-
-def untie_weight(model: nn.Module, module: nn.Module) -> bool:
-    """Give `module` its own copy of its weight if the weight is shared with another module
-    (a tied lm_head and input embedding). Needed before training or merging into the head,
-    which would otherwise change the embeddings too. Returns True if a copy was made."""
-    weight = module.weight
-    # owners of the tensor only: a LoRALinear's `weight` property shows its base's weight,
-    # which must not count as sharing (it would untie every adapted layer on merge)
-    shared = any(m is not module and m._parameters.get("weight") is weight
-                 for m in model.modules())
-    if not shared:
-        return False
-    module.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-    for config in (getattr(model, "config", None),):
-        if config is not None:
-            config.tie_word_embeddings = False
-            text = config.get_text_config() if hasattr(config, "get_text_config") else None
-            if text is not None:
-                text.tie_word_embeddings = False
-    return True
-
-
-def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The task head's modules (`loralab.models.loading.task_head_modules`): what `train_head` trains
-    fully and PEFT's `modules_to_save` names, e.g. DistilBERT's pre_classifier + classifier."""
-    from loralab.models.loading import task_head_modules
-
-    return list(task_head_modules(model).items())
-
-
-def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """Insert adapters into `model` (in place) and return it.
-
-    Every base parameter is frozen; only the adapters (and the head, with `train_head`) train.
-    Freezing is by object: `requires_grad_(False)` on the model, then on the new parameters.
-    """
-    if has_lora(model):
-        raise UserError("model already has LoRA adapters; merge_lora() or start from a fresh model")
-    targets: list[Target] = resolve_targets(model, config.targets)
-    heads = head_modules(model) if config.train_head else []
-    clash = [t.name for t in targets for h, _ in heads
-             if t.name == h or t.name.startswith(h + ".")]
-    if clash:
-        raise UserError(f"{clash[0]} is both a LoRA target and part of the fully trained head; "
-                        "use preset 'attn-proj-ffn' with train_head, or 'all' without it")
-    model.requires_grad_(False)
-    for target in targets:
-        base = model.get_submodule(target.name)
-        layer = LoRALinear(base, config.rank, config.scale, config.dropout, target.slices,
-                           config.init)
-        _set_submodule(model, target.name, layer)
-    for _, head in heads:
-        for module in head.modules():  # a tied lm_head gets its own weight before it trains
-            if isinstance(getattr(module, "weight", None), nn.Parameter):
-                untie_weight(model, module)
-        head.requires_grad_(True)
-    return model
-
-
-def merge_adapters(model: nn.Module) -> nn.Module:
-    """W += s B A in every adapted layer, keeping the adapters (so `unmerge_adapters` can undo
-    it). A head whose weight is tied to the embeddings is untied first."""
-    for _, layer in lora_modules(model):
-        if not layer.merged:
-            untie_weight(model, layer.base)
-        layer.merge()
-    return model
-
-
-def unmerge_adapters(model: nn.Module) -> nn.Module:
-    """W -= s B A in every merged layer."""
-    for _, layer in lora_modules(model):
-        layer.unmerge()
-    return model
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and remove the adapters: the result is the plain
-    transformers model (same classes and parameter names), ready for `save_pretrained`."""
-    merge_adapters(model)
-    for name, layer in lora_modules(model):
-        _set_submodule(model, name, layer.base)
-    return model
-
-
-def describe_targets(model: nn.Module, config: LoRAConfig) -> list[dict]:
-    """One row per module `config` would adapt: name, kind, shape, slices, LoRA parameters
-    r (d_in + d_out_j) summed over its slices. Does not change the model."""
-    rows = []
-    for target in resolve_targets(model, config.targets):
-        module = model.get_submodule(target.name)
-        d_in, d_out = in_out_features(module)
-        slices = target.slices or ((0, d_out),)
-        params = sum(config.rank * (d_in + hi - lo) for lo, hi in slices)
-        rows.append({"name": target.name, "kind": type(module).__name__, "d_in": d_in,
-                     "d_out": d_out, "slices": [list(s) for s in slices] if target.slices else None,
-                     "lora_params": params})
-    return rows
-
-
-__all__ = [
-    "PRESETS", "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "merge_adapters",
-    "unmerge_adapters", "lora_modules", "lora_parameters", "has_lora", "untie_weight",
-    "describe_targets", "lora_matmul", "scaling",
-]
+__all__ = ["LoRALinear", "compute_dtype", "lora_matmul"]

@@ -25,8 +25,10 @@ import re
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from loralab.errors import UserError
+from loralab.models.heads import task_head_modules
 
 PRESETS = ("qv", "attn", "attn-proj", "attn-proj-ffn", "all")
 
@@ -89,15 +91,7 @@ class Target:
 
 def is_adaptable(module: nn.Module) -> bool:
     """LoRA applies to dense maps: `nn.Linear` and transformers' GPT-2 `Conv1D`."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(module, Conv1D)
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
@@ -119,12 +113,11 @@ def adaptable_names(model: nn.Module) -> list[str]:
 
 
 def head_module_names(model: nn.Module) -> list[str]:
-    """The adaptable layers of the task head (`loralab.models.loading.task_head_modules`): every Linear /
-    Conv1D inside it, or the LoRA layer wrapping one (named without its `.base`). DistilBERT:
-    `pre_classifier`, `classifier`; RoBERTa: `classifier.dense`, `classifier.out_proj`; causal
-    LMs: `lm_head`. The `all` preset adapts these; quantization leaves them in float."""
-    from loralab.models.loading import task_head_modules
-
+    """The adaptable layers of the task head (`loralab.models.heads.task_head_modules`): every
+    Linear / Conv1D inside it, or the LoRA layer wrapping one (named without its `.base`).
+    DistilBERT: `pre_classifier`, `classifier`; RoBERTa: `classifier.dense`,
+    `classifier.out_proj`; causal LMs: `lm_head`. The `all` preset adapts these; quantization
+    leaves them in float."""
     names: list[str] = []
     for head_name, head in task_head_modules(model).items():
         for sub, module in head.named_modules():

@@ -1,1 +1,2 @@
-"""Loading pretrained models and tokenizers, and their task heads."""
+"""Pretrained models: loading models and tokenizers (`loading`), what a task head is (`heads`),
+and LoRA-agnostic model surgery (`surgery`)."""

@@ -1,4 +1,5 @@
-"""Load a pretrained backbone with a task head: by bundled name, local directory or hub id.
+"""Load a pretrained backbone with its task head and tokenizer: by bundled name, local folder
+or hub id.
 
 `load_model(name, task)` returns a `LoadedModel`. Tasks:
 
@@ -29,11 +30,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from loralab import bundled
 from loralab.bundled import hub_offline
 from loralab.errors import UserError
+from loralab.models.heads import describe_head, is_head_tied, untie_head
 
 Task = Literal["lm", "classify", "generate"]
 TASKS: tuple[str, ...] = ("lm", "classify", "generate")
@@ -135,148 +136,6 @@ def _load_tokenizer_at(name: str, target: str, local_only: bool, what: str) -> A
                             "use a tokenizer that defines one")
         tok.pad_token = tok.eos_token
     return tok
-
-
-# ---------------------------------------------------------------- heads
-
-def task_head_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The task head: the modules the task class adds on top of its backbone, by their names in
-    `model`, in the model's order.
-
-    Every transformers task class (`XForSequenceClassification`, `XForCausalLM`, ...) holds its
-    backbone under `model.base_model_prefix` (`model.base_model`) and adds the task's layers as
-    sibling children: DistilBERT `pre_classifier` + `classifier`, BERT `classifier`, RoBERTa and
-    ELECTRA `classifier` (a wrapper: `dense` + `out_proj`), DeBERTa `pooler` + `classifier`,
-    GPT-2 / LLaMA / Qwen / Gemma `score`, causal LMs `lm_head`. For a classifier these are the
-    weights a base checkpoint does not have; for an LM, its output layer. So the head is found by
-    that structure, never by a list of names. Children without parameters (dropout, activations)
-    are left out: there is nothing in them to train or save. A model with no separate backbone
-    (`base_model` is the model itself) falls back to its output embeddings.
-    """
-    backbone = getattr(model, "base_model", None)
-    heads: dict[str, nn.Module] = {}
-    if isinstance(backbone, nn.Module) and backbone is not model:
-        for name, child in model.named_children():
-            if child is not backbone and next(child.parameters(), None) is not None:
-                heads[name] = child
-    if not heads:
-        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        name = next((n for n, m in model.named_modules() if n and m is out), None)
-        if name is not None:
-            heads[name] = out
-    if not heads:
-        raise UserError(f"{type(model).__name__} has no task head (no module besides its "
-                        "backbone, and no output embeddings); use a task model class")
-    return heads
-
-
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The head's own parameters, each once (RoBERTa's LM head shares one bias between two of
-    its modules). LoRA factors of an adapted layer inside the head are the adapters', not the
-    head's: they train and are saved with the adapters."""
-    from loralab.lora.layer import lora_parameters
-
-    skip = {id(p) for p in lora_parameters(model)}
-    out: list[nn.Parameter] = []
-    for head in task_head_modules(model).values():
-        for p in head.parameters():
-            if id(p) not in skip:
-                skip.add(id(p))
-                out.append(p)
-    return out
-
-
-def describe_head(model: nn.Module, names: list[str] | None = None) -> str:
-    """`pre_classifier (Linear, 4,160 parameters) + classifier (Linear, 130 parameters)`: the
-    head modules (all, or `names`) with their class and parameter count, for notes."""
-    heads = task_head_modules(model)
-    own = {id(p) for p in head_parameters(model)}
-    parts = []
-    for name in names if names is not None else list(heads):
-        n = sum(p.numel() for p in heads[name].parameters() if id(p) in own)
-        parts.append(f"{name} ({type(heads[name]).__name__}, {n:,} parameters)")
-    return " + ".join(parts)
-
-
-def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The head's tensors keyed by their names in `model` (`pre_classifier.weight`, ...; the
-    keys of `model.state_dict()`), detached, for `head.safetensors`. A tensor that shares its
-    storage with an earlier one (a tied bias) is cloned, since safetensors refuses aliases."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, head in task_head_modules(model).items():
-        for key, tensor in head.state_dict().items():
-            ptr = tensor.untyped_storage().data_ptr()
-            tensor = tensor.detach()
-            out[f"{name}.{key}"] = (tensor.clone() if ptr in seen else tensor).contiguous()
-            seen.add(ptr)
-    return out
-
-
-def load_head_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy a saved head (`head_state` keys) into `model`'s head, strictly: exactly the same
-    tensor names, shapes and dtypes, else a one-line `UserError`. A head weight tied to the input
-    embeddings is untied first, so loading the trained head leaves the embeddings untouched.
-
-    Heads saved before heads could span several modules hold one module's keys without its
-    name (`weight`, `bias`); they are accepted when the head is that one module."""
-    untie_head(model)
-    heads = task_head_modules(model)
-    live = {f"{name}.{k}": v for name, head in heads.items() for k, v in head.state_dict().items()}
-    if len(heads) == 1 and set(tensors) and not set(tensors) & set(live):
-        (only,) = heads
-        tensors = {f"{only}.{k}": v for k, v in tensors.items()}
-    missing, unexpected = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
-    if missing or unexpected:
-        what = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, not in the head"
-        raise UserError(f"{source} does not match this model's head ({' + '.join(heads)}): it "
-                        f"{what}; re-run the training with this loralab version and base model")
-    for key, tensor in tensors.items():
-        if tensor.shape != live[key].shape or tensor.dtype != live[key].dtype:
-            raise UserError(f"{source}: {key} is {tuple(tensor.shape)} {tensor.dtype} but the "
-                            f"model's is {tuple(live[key].shape)} {live[key].dtype}; use the "
-                            "run's base model and num_labels")
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            live[key].copy_(tensor)
-
-
-def load_head_file(model: nn.Module, path: str | Path) -> None:
-    """Load a head-only run's `head.safetensors` into `model` (`load_head_state`, strict);
-    a missing or unreadable file is a one-line `UserError`. Safetensors only, never pickle."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} is missing; the head-only run saved no head, re-run it")
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for a damaged file
-        raise UserError(f"{path} is corrupt or not a safetensors file ({exc}); re-run the "
-                        "training") from None
-    load_head_state(model, tensors, str(path))
-
-
-def is_head_tied(model: nn.Module) -> bool:
-    """True when the lm_head shares its weight tensor with the input embeddings."""
-    if not hasattr(model, "get_output_embeddings"):
-        return False
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    return out is not None and inp is not None and out.weight is inp.weight
-
-
-def untie_head(model: nn.Module) -> bool:
-    """Give the lm_head its own copy of the embedding matrix; returns True if it was tied.
-
-    Why: with tied weights, training the head also trains the input embeddings (one tensor),
-    so "head-only" or "LoRA + head" would silently update the embedding layer too. The config
-    flag is cleared so `save_pretrained`/reloads keep the two apart (loralab.lora.layer.untie_weight).
-    """
-    from loralab.lora.layer import untie_weight
-
-    if not is_head_tied(model):
-        return False
-    return untie_weight(model, model.get_output_embeddings())
 
 
 # ---------------------------------------------------------------- models

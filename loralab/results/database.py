@@ -6,7 +6,8 @@ previous committed state), lets readers run while a writer writes, and `busy_tim
 second writer wait for the lock instead of failing. Every write is one short `BEGIN IMMEDIATE`
 transaction; nothing holds the lock while training.
 
-Schema (JSON columns hold the run record's parts, see notes/interfaces.md):
+Schema (JSON columns hold the parts of the run record, `loralab.training.record.Record`, as
+record.json has them; `config` keeps both the study's run config and the record's TrainConfig):
     runs(run_id PK, study, strategy, seed, status, config_hash, config, metrics, costs, curves,
          artifacts, env, notes, quant, run_dir, error, traceback, created_at, started_at,
          finished_at, updated_at)
@@ -21,7 +22,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from loralab.errors import UserError
 
@@ -62,6 +63,24 @@ CREATE TABLE IF NOT EXISTS studies (
     updated_at REAL NOT NULL
 );
 """
+
+
+class RunRow(Protocol):
+    """What the database needs of a run (a `loralab.study.plan.RunSpec`): its identity, its
+    study config and that config's hash."""
+
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def strategy(self) -> str: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def run_dir(self) -> Path: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    @property
+    def config_hash(self) -> str: ...
 
 
 def find_db(path: str | Path) -> Path:
@@ -124,7 +143,7 @@ class ResultsDB:
                 "updated_at=excluded.updated_at",
                 (name, json.dumps(config, default=str), path, time.time()))
 
-    def start_run(self, spec, study: str) -> None:
+    def start_run(self, spec: RunRow, study: str) -> None:
         """Mark a run `running` (creating its row), clearing any earlier error."""
         now = time.time()
         with self.transaction():
@@ -139,9 +158,10 @@ class ResultsDB:
                  json.dumps({"study": spec.config, "train": None}, default=str),
                  str(spec.run_dir), now, now, now))
 
-    def record_run(self, spec, record: dict[str, Any], *, status: str = "finished",
+    def record_run(self, spec: RunRow, record: dict[str, Any], *, status: str = "finished",
                    study: str | None = None) -> None:
-        """Store a run record (the JSON `train.train` returns) under the spec's run_id."""
+        """Store a run record (the dict `loralab.training.loop.train` returns and record.json
+        holds) under the spec's run_id. Raises ValueError for an unknown status."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         now = time.time()
@@ -214,9 +234,8 @@ class _Tx:
         self.conn.execute("BEGIN IMMEDIATE")
         return self.conn
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-        return False
 
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:

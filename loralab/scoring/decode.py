@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loralab.progress import Progress
+
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -45,8 +47,6 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, config: DecodeConfi
     `progress`: a label under which decoded prompts and elapsed time are shown on stderr
     (`loralab.progress`: a bar on a terminal, plain lines otherwise); None = silent.
     """
-    from loralab.progress import Progress
-
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
     if isinstance(eos, (list, tuple)):
         eos = eos[0]
@@ -98,7 +98,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, config: DecodeConfi
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt the way `loralab.data.tasks` tokenises training text: no special
+    """Token ids of each prompt the way `loralab.data.tokenise` tokenises training text: no special
     tokens, except a BOS first when the tokenizer normally adds one (Gemma: yes; GPT-2,
     SmolLM2: no). An empty prompt becomes [BOS] (or [EOS]) so there is something to continue."""
     ids = [list(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]

@@ -2,7 +2,8 @@
 
 `loralab compare STUDY budget.max_steps=5 seeds=3 strategies.lora-1.rank=16` changes the
 study's mapping before it is validated, so an override is checked exactly as the same value
-written in the file would be (`study.parse_study`), and the report records the study as run.
+written in the file would be (`loralab.study.spec.parse_study`), and the report records the
+study as run.
 
 - A dotted path walks mappings by key and lists by index (`eval.0.max_examples=8`) or, for a
   list of mappings, by the item's `name` (`strategies.lora-1.rank=16`); missing mapping keys
@@ -24,6 +25,7 @@ from typing import Any
 import yaml
 
 from loralab.errors import UserError
+from loralab.study.lines import LineMap
 
 _ALTERNATIVES = {"epochs": "max_steps", "max_steps": "epochs"}
 
@@ -47,10 +49,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def _mark(value: Any, where: str) -> Any:
     """Give every mapping inside an override's value the study loader's line bookkeeping
     (`lines`: key -> where it came from), pointing at the override."""
-    from loralab.study.runner import _Map
-
     if isinstance(value, dict):
-        out = _Map({k: _mark(v, where) for k, v in value.items()})
+        out = LineMap({k: _mark(v, where) for k, v in value.items()})
         out.lines = {str(k): where for k in value}
         return out
     if isinstance(value, list):

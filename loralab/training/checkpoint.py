@@ -18,8 +18,9 @@ import pickle
 import random
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -28,6 +29,13 @@ from loralab.errors import UserError
 
 LAST = "last.pt"
 BEST = "best.pt"
+
+
+def injected_fault(name: str) -> int | None:
+    """Test hooks (fault injection): the step named by the environment variable
+    LORALAB_FAULT_<NAME> (KILL_AT_STEP, KILL_IN_SAVE, NAN_AT_STEP), or None when unset."""
+    value = os.environ.get(f"LORALAB_FAULT_{name}")
+    return int(value) if value else None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,38 +1,106 @@
-"""The training config: every knob of a run, its defaults, and the one validator."""
+"""The training config: every knob of a run, its defaults, its documentation and the one validator.
+
+`TrainConfig` is the single definition of a run's settings. Its fields' attribute docstrings
+and defaults generate the `loralab train` options (`loralab.cli.train`); a study file's keys and
+`--config FILE.yaml` are the same fields (`make_config`); and `TrainConfig.__post_init__` is
+the one place that checks them, raising `ConfigError(key, message)` so a study can point at
+the file line that set the key.
+
+This module imports neither torch nor transformers (a test checks it): the command line reads
+it to build `--help` before any heavy import, and the choices of `method` come from the
+torch-free strategy registry.
+"""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import os
+import types
+import typing
 from dataclasses import dataclass, fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from loralab.errors import UserError
-from loralab.kernels.compiling import COMPILE_SETTINGS
-from loralab.training.batching import epoch_order, target_count  # noqa: F401  (epoch_order re-exported)
+import yaml
 
-METHODS = ("none", "full", "head", "lora", "lora-head", "qat-lora", "qlora", "lora-ptq")
+from loralab.data import MIN_SEQ_LEN
+from loralab.errors import ConfigError, UserError
+from loralab.training.strategies import registry
 
-
-LORA_METHODS = ("lora", "lora-head", "qat-lora", "qlora", "lora-ptq")
-
+METHODS = registry.names()
+"""Every fine-tuning method, in registry order."""
 
 TASKS = ("lm", "classify", "generate")
 
-
 SCHEDULES = ("linear", "cosine", "constant")
-
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
-
 PARALLEL = ("auto", "ddp", "fsdp")
+
+COMPILE_SETTINGS = ("auto", "on", "off")
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+TRACKING_FIELDS = ("report_to", "tracking_group", "tracking_dir")
+"""TrainConfig fields that choose where results are reported; never part of a config hash."""
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS, "task": TASKS, "schedule": SCHEDULES, "precision": PRECISIONS,
+    "parallel": PARALLEL, "compile": COMPILE_SETTINGS}
+"""The fields whose value is one of a fixed set (the CLI offers them as `choices`)."""
+
+
+
+def choices_of(key: str) -> tuple[str, ...]:
+    """The valid values of choice field `key`, read when asked: the method names come from the
+    registry at validation time, so a method added to it is valid without re-importing this."""
+    return registry.names() if key == "method" else CHOICES[key]
+
+
+def lora_methods() -> tuple[str, ...]:
+    """The methods that train LoRA adapters (rank, alpha, dropout and targets apply to them)."""
+    return tuple(name for name in registry.names() if registry.get_spec(name).uses_lora)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_report_to(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """`tensorboard,wandb` (or a list) -> ('tensorboard', 'wandb'), in the given order without
+    repeats; 'none' (or nothing) -> () (no tracker at all).
+
+    Raises ConfigError('report_to', ...) naming the valid trackers for an unknown name."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    names = tuple(dict.fromkeys(n.strip().lower() for n in items if n.strip()))
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ConfigError("report_to", f"unknown tracker {unknown[0]!r} in report_to; choose "
+                          f"from {', '.join(TRACKERS)} (comma-separated) or none")
+    return names
+
+
+def parse_targets(value: str | tuple[str, ...] | list[str]) -> str | tuple[str, ...]:
+    """LoRA targets as the config holds them: a preset name (or one module name / glob) stays a
+    string; several module names / globs, given comma-separated or as a list, become a tuple.
+    `"attn-proj"` -> `"attn-proj"`, `"q_proj,v_proj"` -> `("q_proj", "v_proj")`."""
+    if isinstance(value, str):
+        if "," not in value:
+            return value.strip()
+        value = value.split(",")
+    return tuple(t for t in (str(v).strip() for v in value) if t)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a run. Serialised in full into the run record."""
+    """Everything that defines a run. Serialised in full into the run record (`to_dict`)."""
 
     model: str = "minilm-l6"
     """Backbone: a bundled name (smollm2-135m, minilm-l6), a local directory or a hub id."""
@@ -42,11 +110,13 @@ class TrainConfig:
     data: str = "rt-snippets"
     """Dataset preset name or a local path (see loralab.data.tasks)."""
     eval_data: tuple[str, ...] = ()
-    """Extra evaluation sets (preset names or paths), evaluated on their test/validation split."""
+    """Extra evaluation sets (preset names or paths, comma-separated), evaluated on their
+    test/validation split."""
     method: str = "lora"
-    """none | full | head | lora | lora-head | qat-lora | qlora | lora-ptq."""
-    preset: str = "qv"
-    """LoRA target preset (qv, attn, attn-proj, attn-proj-ffn, all) or comma-separated names."""
+    """Fine-tuning method (loralab.training.strategies.registry)."""
+    preset: str | tuple[str, ...] = "qv"
+    """LoRA targets: a preset (qv, attn, attn-proj, attn-proj-ffn, all) or module names /
+    globs, comma-separated (held as a tuple; written back comma-joined in the record)."""
     rank: int = 8
     """LoRA rank r."""
     alpha: float = 16.0
@@ -57,7 +127,7 @@ class TrainConfig:
     """Scale by alpha / sqrt(r) instead (rank-stabilised LoRA)."""
     quant: str = "int8"
     """qat-lora / qlora / lora-ptq: quantization scheme (int8, int8-dyn, int4, int4-weight, nf4,
-    int4-cuda); see loralab.quant.core.SCHEMES."""
+    int4-cuda); see loralab.quant.SCHEMES."""
     epochs: float = 1.0
     """Passes over the training split (ignored when max_steps is set)."""
     max_steps: int | None = None
@@ -119,8 +189,9 @@ class TrainConfig:
     """Classes for classify."""
     report_to: tuple[str, ...] = ("tensorboard",)
     """Trackers that get the curves, final metrics and costs: tensorboard, wandb, mlflow (the
-    last two need `pip install 'loralab[tracking]'`), or none; see loralab.training.tracking. Like
-    tracking_group and tracking_dir it is never part of a study's config hash."""
+    last two need `pip install 'loralab[tracking]'`), comma-separated, or none; see
+    loralab.training.tracking. Like tracking_group and tracking_dir it is never part of a
+    study's config hash."""
     tracking_group: str = ""
     """W&B group and MLflow experiment of the run (a study sets its name)."""
     tracking_dir: str = ""
@@ -135,110 +206,147 @@ class TrainConfig:
         if isinstance(self.eval_data, (list, str)):
             value = (self.eval_data,) if isinstance(self.eval_data, str) else self.eval_data
             object.__setattr__(self, "eval_data", tuple(value))
-        from loralab.training.tracking import parse_report_to
-
         object.__setattr__(self, "report_to", parse_report_to(self.report_to))
-        checks = [
-            (self.method in METHODS, f"unknown method {self.method!r}; choose one of "
-                                     f"{', '.join(METHODS)}"),
-            (self.task in TASKS, f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}"),
-            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of "
-                                         f"{', '.join(SCHEDULES)}"),
-            (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; use auto, "
-                                           "fp32 or bf16"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-            (self.epochs > 0 or self.max_steps, f"epochs must be > 0, got {self.epochs}"),
-            (self.max_steps is None or self.max_steps >= 1,
+        object.__setattr__(self, "preset", parse_targets(self.preset))
+        for key, ok, message in self._checks():
+            if not ok:
+                raise ConfigError(key, message)
+
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        """(field, holds, message if it does not), in the order they are reported."""
+        how = {"precision": "use auto, fp32 or bf16", "compile": "choose auto, on, off"}
+        checks = [(key, getattr(self, key) in choices_of(key),
+                   f"unknown {key} {getattr(self, key)!r}; "
+                   + how.get(key, f"choose one of {', '.join(choices_of(key))}"))
+                  for key in CHOICES]
+        return checks + [
+            ("batch_size", self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            ("grad_accum", self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            ("epochs", self.epochs > 0 or bool(self.max_steps),
+             f"epochs must be > 0, got {self.epochs}"),
+            ("max_steps", self.max_steps is None or self.max_steps >= 1,
              f"max_steps must be >= 1, got {self.max_steps}"),
-            (self.lr >= 0, f"lr must be >= 0, got {self.lr}"),
-            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (0 < self.data_fraction <= 1, "data_fraction must be in (0, 1]"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (self.seq_len >= 2, "seq_len must be >= 2"),
-            (self.parallel in PARALLEL, f"unknown parallel {self.parallel!r}; choose one of "
-                                        f"{', '.join(PARALLEL)}"),
-            (self.parallel != "fsdp" or self.method == "full",
+            ("lr", self.lr >= 0, f"lr must be >= 0, got {self.lr}"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            ("data_fraction", 0 < self.data_fraction <= 1, "data_fraction must be in (0, 1]"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            ("warmup_steps", self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            ("seq_len", self.seq_len >= MIN_SEQ_LEN,
+             f"seq_len must be >= {MIN_SEQ_LEN}, got {self.seq_len}"),
+            ("parallel", self.parallel != "fsdp" or self.method not in registry.names()
+             or registry.get_spec(self.method).shardable,
              f"parallel fsdp shards full fine-tuning only, not method {self.method!r}; use "
              "--parallel ddp or auto"),
-            (self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}"),
-            (self.eval_max_examples >= 0,
+            ("rank", self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}"),
+            ("preset", bool(self.preset) or self.method not in lora_methods(),
+             "no LoRA targets given; use a preset (qv, attn, "
+             "attn-proj, attn-proj-ffn, all) or module names"),
+            ("eval_max_examples", self.eval_max_examples >= 0,
              f"eval_max_examples must be >= 0 (0 = all), got {self.eval_max_examples}"),
-            (self.compile in COMPILE_SETTINGS, f"unknown compile {self.compile!r}; choose "
-                                               f"{', '.join(COMPILE_SETTINGS)}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-able values, the layout record.json has always had: tuples as
+        lists, LoRA targets as one comma-joined string."""
         d = dataclasses.asdict(self)
         d["eval_data"] = list(self.eval_data)
         d["report_to"] = list(self.report_to)
+        if isinstance(self.preset, tuple):
+            d["preset"] = ",".join(self.preset)
         return d
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
+    """TrainConfig's fields by name, in declaration order."""
     return {f.name: f for f in fields(TrainConfig)}
 
 
+@cache
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """Each field's attribute docstring (the string literal right under it), whitespace
+    collapsed to single spaces; "" for a field without one. Read from the class's source,
+    as litgpt's CLI reads its dataclasses."""
+    body = ast.parse(inspect.getsource(cls)).body[0]
+    assert isinstance(body, ast.ClassDef)
+    docs: dict[str, str] = {}
+    for node, after in zip(body.body, [*body.body[1:], None], strict=True):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = after.value.value if (isinstance(after, ast.Expr) and isinstance(
+                after.value, ast.Constant) and isinstance(after.value.value, str)) else ""
+            docs[node.target.id] = " ".join(text.split())
+    return docs
+
+
+@cache
+def field_kinds() -> dict[str, tuple[type, bool]]:
+    """Each field's value type (bool, int, float, str or tuple; `str | tuple` fields: tuple)
+    and whether it may be None, from the annotations."""
+    hints = typing.get_type_hints(TrainConfig)
+    kinds: dict[str, tuple[type, bool]] = {}
+    for name, hint in hints.items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        optional = type(None) in args
+        bases = [typing.get_origin(a) or a for a in args if a is not type(None)]
+        kinds[name] = (tuple if tuple in bases else bases[0], optional)
+    return kinds
+
+
 def _coerce(name: str, value: Any) -> Any:
-    """Convert YAML/CLI strings to the field's type (int, float, bool, tuple, optional)."""
+    """Convert a YAML/CLI value to the field's type (int, float, bool, tuple, optional).
+    Raises ConfigError naming the field when the value cannot be one."""
     if value is None:
         return None
-    kind = str(config_fields()[name].type)
+    kind, _ = field_kinds()[name]
     try:
-        if kind == "bool":
+        if kind is bool:
             if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
+                if value.lower() in _TRUE + _FALSE:
+                    return value.lower() in _TRUE
                 raise ValueError(value)
             return bool(value)
-        if kind.startswith("int"):
+        if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
-        if kind.startswith("float"):
+        if kind is float:
             return float(value)
-        if kind.startswith("tuple"):
+        if kind is tuple:
+            if name == "preset":
+                return parse_targets(value if isinstance(value, str) else list(value))
             if isinstance(value, str):
                 return tuple(v for v in value.split(",") if v)
             return tuple(str(v) for v in value)
         return str(value)
     except (TypeError, ValueError):
-        raise UserError(f"config key {name!r}: cannot use {value!r} as {kind}") from None
+        shown = str(field_kinds()[name][0].__name__)
+        raise ConfigError(name, f"config key {name!r}: cannot use {value!r} as {shown}") \
+            from None
 
 
 def make_config(values: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
-    """A TrainConfig from a mapping plus overrides (None overrides are ignored); unknown keys
-    raise a UserError that lists the valid ones."""
+    """A TrainConfig from a mapping plus overrides (None overrides are ignored; `-` in keys
+    reads as `_`). Unknown keys raise a ConfigError that lists the valid ones."""
     merged = dict(values or {})
     merged.update({k.replace("-", "_"): v for k, v in overrides.items() if v is not None})
     merged = {k.replace("-", "_"): v for k, v in merged.items()}
     if "wandb" in merged:  # the old switch (records, configs before report_to): W&B on or off
-        from loralab.training.tracking import parse_report_to
-
         on = merged.pop("wandb")
-        on = on.lower() in ("1", "true", "yes", "on") if isinstance(on, str) else bool(on)
+        on = on.lower() in _TRUE if isinstance(on, str) else bool(on)
         kept = parse_report_to(merged.get("report_to", ("tensorboard",)))
         merged["report_to"] = kept + ("wandb",) * (on and "wandb" not in kept)
     valid = config_fields()
     unknown = sorted(set(merged) - set(valid))
     if unknown:
-        raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: "
-                        f"{', '.join(valid)}")
+        raise ConfigError(unknown[0], f"unknown config key(s) {', '.join(unknown)}; valid "
+                          f"keys: {', '.join(valid)}")
     return TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
 
 
 def config_from_yaml(path: str | os.PathLike | None, **overrides: Any) -> TrainConfig:
-    """Read a YAML mapping of TrainConfig fields, then apply CLI overrides on top."""
+    """Read a YAML mapping of TrainConfig fields, then apply overrides on top (the command
+    line's options; None = not given). Raises UserError for an unreadable or malformed file."""
     values: dict = {}
     if path is not None:
-        import yaml
-
         try:
             values = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as exc:

@@ -1,17 +1,44 @@
-"""Where a run's processes stand (single process, DDP, FSDP) and the collectives it needs."""
+"""How a run is spread over processes: one `Distribution` object the loop talks to.
+
+The loop never asks which backend runs; it calls the object `distribution_for(config)` picks
+(in the spirit of litgpt's Fabric-based `fit()`):
+
+    SingleProcess  one process (`torchrun` not used, or WORLD_SIZE=1)
+    EvalOnly       nothing trains (method `none`): no wrapping; rank 0 evaluates and writes
+    DDP            every rank holds the whole model; gradients are all-reduced (averaged over
+                   the N ranks) once per optimizer step, `no_sync` on the other micro-batches
+    FSDP           FSDP2 `fully_shard` (strategies whose spec is `shardable`, i.e. full
+                   fine-tuning, with `parallel` auto or fsdp): each transformer block, then a
+                   root holding the rest, sharded along dim 0, so a rank holds 1/N of the
+                   weights, gradients and AdamW state
+
+What differs between them, and so lives here: wrapping or sharding the module a training forward
+calls, the per-micro-batch gradient-sync context, the gradient norm over shards, the all-reduce
+of the step loss, barriers, gathering the whole state for a checkpoint and restoring it, which
+module evaluation calls, which ranks evaluate and write, and which storages the saved-tensor
+tracker skips. Processes join through `torchrun --nproc-per-node N` (gloo on CPU, NCCL on GPU).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from torch import nn
 
 from loralab.costs import measure
-from loralab.training.batching import epoch_order, target_count  # noqa: F401  (epoch_order re-exported)
+from loralab.errors import UserError
 from loralab.training.config import TrainConfig
+from loralab.training.strategies.registry import get_spec
+
+StateDicts = tuple[dict[str, torch.Tensor], dict | None]
+"""(model tensors, optimizer state in `optimizer.state_dict()`'s layout or None)."""
 
 
 @dataclass(frozen=True)
@@ -30,48 +57,250 @@ class Dist:
 def setup_distributed() -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo
     on CPU. Each process uses GPU `LOCAL_RANK` when GPUs exist."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
+    if world > 1 and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if cuda else "gloo")
+    rank = tdist.get_rank() if world > 1 else 0
     return Dist(rank=rank, world=world, device=device)
 
 
-def _all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(x)
-    return x
-
-
-def _barrier(d: Dist) -> None:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _parallel_mode(config: TrainConfig, d: Dist) -> str:
-    """single (one process), eval (method none), fsdp (full fine-tuning unless --parallel
-    ddp) or ddp."""
+def parallel_mode(config: TrainConfig, d: Dist) -> str:
+    """single (one process), eval (method none), fsdp (a shardable method, i.e. full
+    fine-tuning, unless --parallel ddp) or ddp."""
     if d.world == 1:
         return "single"
-    if config.method == "none":
+    spec = get_spec(config.method)
+    if not spec.trains:
         return "eval"
-    if config.method == "full" and config.parallel in ("auto", "fsdp"):
+    if spec.shardable and config.parallel in ("auto", "fsdp"):
         return "fsdp"
     return "ddp"
 
 
-class _FSDPRoot(nn.Module):
+# --- the object the loop uses ------------------------------------------------------------------
+
+class Distribution:
+    """Single-process behaviour; the subclasses change what differs under DDP and FSDP.
+
+    `name` is what the record's `env.parallel` says. Collectives (`barrier`, `all_reduce_sum`)
+    are no-ops in one process and real in a process group of any backend.
+    """
+
+    name = "single"
+    allows_compile = True
+    """Whether regional compilation may be used (FSDP runs eager here)."""
+
+    def __init__(self, dist: Dist) -> None:
+        self.dist = dist
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world(self) -> int:
+        return self.dist.world
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def main(self) -> bool:
+        """This process logs and writes (records, checkpoints, artefacts)."""
+        return self.dist.main
+
+    @property
+    def evaluates(self) -> bool:
+        """This process runs the evaluation forwards (FSDP: every rank; else rank 0 only)."""
+        return self.dist.main
+
+    # set-up
+    def prepare(self, model: nn.Module, step_module: nn.Module) -> nn.Module:
+        """The module a training forward calls, before the optimizer is made (FSDP shards the
+        parameters here, so the optimizer must hold the sharded ones)."""
+        return step_module
+
+    def wrap(self, step_module: nn.Module) -> nn.Module:
+        """The prepared module ready for training steps (DDP wraps it). Call again when the set
+        of trainable parameters changes: DDP registers it at construction."""
+        return step_module
+
+    def eval_module(self, model: nn.Module, prepared: nn.Module) -> nn.Module:
+        """What evaluation calls: the model (FSDP: the sharded root, whose hooks gather)."""
+        return model
+
+    def saved_tensor_tracker(self, model: nn.Module,
+                             prepared: nn.Module) -> measure.SavedTensorTracker:
+        """A tracker of activation bytes that skips the storages of this rank's parameters."""
+        return measure.SavedTensorTracker(skip=measure.storage_pointers(model.parameters()))
+
+    # one optimizer step
+    def micro_batch_sync(self, wrapped: nn.Module, last: bool) -> AbstractContextManager:
+        """The context of one micro-batch's forward and backward: gradients are synchronised
+        across ranks only at the step's `last` micro-batch."""
+        return nullcontext()
+
+    def full_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """The global gradient norm from what `clip_grad_norm_` returned."""
+        return norm
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over all ranks in place (and return it)."""
+        if self.world > 1:
+            tdist.all_reduce(x)
+        return x
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            tdist.barrier()
+
+    # checkpoints
+    def gather_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                     trained_state: Callable[[nn.Module], dict[str, torch.Tensor]]
+                     ) -> StateDicts | None:
+        """What a checkpoint stores: `trained_state(model)` and the optimizer state, on the
+        writing process; None elsewhere. Every rank must call it (FSDP gathers)."""
+        if not self.main:
+            return None
+        return trained_state(model), optimizer.state_dict() if optimizer is not None else None
+
+    def restore_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                      tensors: dict[str, torch.Tensor], optim: dict | None,
+                      load_trained: Callable[[nn.Module, dict[str, torch.Tensor]], None]
+                      ) -> None:
+        """Load a checkpoint's tensors (and optimizer state, when both are given)."""
+        load_trained(model, tensors)
+        if optimizer is not None and optim is not None:
+            optimizer.load_state_dict(optim)
+
+    def whole_model_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole state dict to save the final model from, when the parameters are shards
+        (FSDP; collective); None: the model's own tensors are whole."""
+        return None
+
+    def local_view(self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+                   ) -> tuple[nn.Module, Any]:
+        """(module, optimizer) whose tensors are what this process holds, for byte counts."""
+        return model, optimizer
+
+
+class SingleProcess(Distribution):
+    """One process: nothing wrapped, nothing communicated."""
+
+    name = "single"
+
+
+class EvalOnly(Distribution):
+    """Nothing trains (`none`): no wrapping; rank 0 evaluates and writes, the others wait."""
+
+    name = "eval"
+
+
+class DDP(Distribution):
+    """DistributedDataParallel: whole model per rank, one gradient all-reduce per step."""
+
+    name = "ddp"
+
+    def wrap(self, step_module: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(step_module, device_ids=ids)
+
+    def micro_batch_sync(self, wrapped: nn.Module, last: bool) -> AbstractContextManager:
+        return nullcontext() if last else wrapped.no_sync()
+
+
+class FSDP(Distribution):
+    """FSDP2: parameters, gradients and optimizer state sharded along dim 0 over the ranks.
+
+    A block's weights are all-gathered for its forward and again for its backward; gradients
+    are reduce-scattered at the last micro-batch of a step (`set_requires_gradient_sync`).
+    Evaluation runs the sharded forward on every rank; only rank 0 logs and writes.
+    Checkpoints gather whole tensors to rank 0's CPU (full_state_dict + cpu_offload) in the
+    single-process layout (a run stopped under FSDP can finish in one process); on resume and
+    for the best-checkpoint restore every rank reads the file (a filesystem all ranks see) and
+    keeps its shards. Limits: a gathered checkpoint must fit in rank 0's CPU memory; no CPU
+    offload of parameters, no mixed-precision policy beyond bf16 autocast, no hybrid (HSDP)
+    sharding; memory figures are per process (this rank's shards).
+    """
+
+    name = "fsdp"
+    allows_compile = False
+
+    @property
+    def evaluates(self) -> bool:
+        return True
+
+    def prepare(self, model: nn.Module, step_module: nn.Module) -> nn.Module:
+        return shard(model, step_module, self.dist)
+
+    def wrap(self, step_module: nn.Module) -> nn.Module:
+        return step_module
+
+    def eval_module(self, model: nn.Module, prepared: nn.Module) -> nn.Module:
+        return prepared
+
+    def saved_tensor_tracker(self, model: nn.Module,
+                             prepared: nn.Module) -> measure.SavedTensorTracker:
+        tracker = measure.SavedTensorTracker(
+            skip=measure.storage_pointers(local_view(model, None)[0].parameters()))
+        skip_gathered(prepared, tracker)
+        return tracker
+
+    def micro_batch_sync(self, wrapped: nn.Module, last: bool) -> AbstractContextManager:
+        wrapped.set_requires_gradient_sync(last)  # no reduce-scatter until the last micro-batch
+        return nullcontext()
+
+    def full_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor
+
+    def gather_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                     trained_state: Callable[[nn.Module], dict[str, torch.Tensor]]
+                     ) -> StateDicts | None:
+        state = full_state(model, optimizer)  # collective: rank 0 gets the whole tensors
+        return state if self.main else None
+
+    def restore_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                      tensors: dict[str, torch.Tensor], optim: dict | None,
+                      load_trained: Callable[[nn.Module, dict[str, torch.Tensor]], None]
+                      ) -> None:
+        set_full_state(model, optimizer, tensors, optim)
+
+    def whole_model_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        return full_state(model, None)[0]
+
+    def local_view(self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+                   ) -> tuple[nn.Module, Any]:
+        return local_view(model, optimizer)
+
+
+_KINDS: dict[str, type[Distribution]] = {"single": SingleProcess, "eval": EvalOnly,
+                                         "ddp": DDP, "fsdp": FSDP}
+
+
+def distribution_for(config: TrainConfig, dist: Dist | None = None) -> Distribution:
+    """The distribution of a run of `config` from this process's place in the job (joined
+    from the torchrun environment by `setup_distributed` when `dist` is None). A method that
+    trains nothing is `EvalOnly` in any world size. Raises UserError when the batch cannot be
+    split evenly over the processes."""
+    dist = dist if dist is not None else setup_distributed()
+    if config.batch_size % dist.world:
+        raise UserError(f"batch_size {config.batch_size} is not divisible by the {dist.world} "
+                        "processes; choose a multiple so every process gets an equal share")
+    mode = "eval" if not get_spec(config.method).trains else parallel_mode(config, dist)
+    return _KINDS[mode](dist)
+
+
+# --- FSDP2 pieces ------------------------------------------------------------------------------
+
+class FSDPRoot(nn.Module):
     """The module FSDP shards last (the root): one forward for both uses, so every call runs
     the root's hooks, which all-gather what no block owns (embeddings, final norm, the tied
     lm_head) before the call and reduce-scatter its gradients after backward.
@@ -111,8 +340,8 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return [b for b in blocks if not any(id(p) in tied for p in b.parameters())]
 
 
-def _shard(model: nn.Module, step_module: nn.Module, d: Dist) -> nn.Module:
-    """FSDP2 in place: `fully_shard` each block, then the root `_FSDPRoot(model, loss)`.
+def shard(model: nn.Module, step_module: nn.Module, d: Dist) -> FSDPRoot:
+    """FSDP2 in place: `fully_shard` each block, then the root `FSDPRoot(model, loss)`.
 
     Each parameter becomes a DTensor holding this rank's rows (dim-0 shard, padded). A block's
     weights are all-gathered just before its forward and freed after it (gathered again for
@@ -127,13 +356,12 @@ def _shard(model: nn.Module, step_module: nn.Module, d: Dist) -> nn.Module:
     mesh = init_device_mesh(d.device.type, (d.world,))
     for block in _blocks(model):
         fully_shard(block, mesh=mesh)
-    root = _FSDPRoot(model, step_module if step_module is not model else None)
+    root = FSDPRoot(model, step_module if step_module is not model else None)
     fully_shard(root, mesh=mesh)
     return root
 
 
-def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
-                ) -> tuple[dict[str, torch.Tensor], dict | None]:
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> StateDicts:
     """FSDP: the whole model state dict and optimizer state gathered to rank 0's CPU (empty on
     the other ranks; every rank must call it). Tied names share one tensor, and the optimizer
     state is given in `optimizer.state_dict()`'s layout, so the checkpoint is the one a
@@ -155,7 +383,7 @@ def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
         if id(p) in first and name in tensors:
             tensors[name] = tensors[first[id(p)]]
         first.setdefault(id(p), name)
-    if optim is not None:
+    if optim is not None and optimizer is not None:
         index = {n: i for i, n in enumerate(_optimizer_names(model, optimizer))}
         optim = {"state": {index[n]: v for n, v in sorted(optim["state"].items(),
                                                           key=lambda kv: index[kv[0]])},
@@ -170,8 +398,8 @@ def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list
     return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-def _set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    tensors: dict[str, torch.Tensor], optim: dict | None) -> None:
+def set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                   tensors: dict[str, torch.Tensor], optim: dict | None) -> None:
     """FSDP: load a whole state dict (and `optimizer.state_dict()`-layout optimizer state)
     that every rank has read; each rank keeps its own shards."""
     from torch.distributed.checkpoint.state_dict import (
@@ -190,7 +418,7 @@ def _set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         set_optimizer_state_dict(model, optimizer, by_name, options=options)
 
 
-def _skip_gathered(root: nn.Module, tracker: measure.SavedTensorTracker) -> None:
+def skip_gathered(root: nn.Module, tracker: measure.SavedTensorTracker) -> None:
     """FSDP: the all-gathered weights autograd saves in a forward are parameters (FSDP frees
     them after the forward and gathers them again for backward), not activations. A pre-forward
     hook on each FSDP module, run after FSDP's own (which gathers), adds their storages to the
@@ -215,12 +443,10 @@ def _skip_gathered(root: nn.Module, tracker: measure.SavedTensorTracker) -> None
             m.register_forward_pre_hook(root_hook if m is root else block_hook)
 
 
-def _local_view(model: nn.Module, optimizer: torch.optim.Optimizer | None
-                ) -> tuple[nn.Module, Any]:
+def local_view(model: nn.Module, optimizer: torch.optim.Optimizer | None
+               ) -> tuple[nn.Module, Any]:
     """FSDP: this rank's shards as plain tensors (parameters with their gradient shards, the
     optimizer state), for loralab.costs.measure's byte counts: what this process holds."""
-    from types import SimpleNamespace
-
     from torch.distributed.tensor import DTensor
 
     def local(t: Any) -> Any:
@@ -238,16 +464,3 @@ def _local_view(model: nn.Module, optimizer: torch.optim.Optimizer | None
         if optimizer is not None else {}
     return view, SimpleNamespace(state=state)
 
-
-def _wrap(model: nn.Module, config: TrainConfig, d: Dist, mode: str = "ddp"
-          ) -> tuple[nn.Module, str]:
-    """DDP when distributed; the model itself otherwise (or the FSDP root, already sharded by
-    `_shard`)."""
-    if d.world == 1:
-        return model, "single"
-    if mode == "fsdp":
-        return model, "fsdp"
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ids = [d.device.index] if d.device.type == "cuda" else None
-    return DDP(model, device_ids=ids), "ddp"

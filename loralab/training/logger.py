@@ -6,8 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-from loralab.training.batching import epoch_order, target_count  # noqa: F401  (epoch_order re-exported)
 from loralab.training.config import TrainConfig
+from loralab.training.tracking import open_trackers
 
 
 class Logger:
@@ -26,13 +26,12 @@ class Logger:
         self.every = config.log_every or max(1, total_steps // 20)
         if not enabled:
             return
-        from loralab.training.tracking import open_trackers
-
         self.trackers = open_trackers(config.report_to, run_id=run_id, out=out,
-                                      start_step=start_step, params=_hparams(config),
+                                      start_step=start_step, params=hparams(config),
                                       group=config.tracking_group,
                                       tracking_dir=config.tracking_dir)
-        self.reopen = {name: t.where() for name, t in zip(config.report_to, self.trackers)}
+        self.reopen = {name: t.where()
+                       for name, t in zip(config.report_to, self.trackers, strict=True)}
         if sys.stderr.isatty() and total_steps > 0:
             from tqdm import tqdm
 
@@ -75,6 +74,9 @@ class Logger:
             tracker.finish(hparams or {}, metrics or {}, metrics is not None)
 
 
-def _hparams(config: TrainConfig) -> dict:
+def hparams(config: TrainConfig) -> dict:
+    """The config as tracker parameters: numbers, strings and booleans as they are, the rest
+    (tuples, None) as strings."""
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
             for k, v in config.to_dict().items()}
+

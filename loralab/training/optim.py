@@ -7,8 +7,6 @@ import math
 import torch
 from torch import nn
 
-from loralab.training.batching import epoch_order, target_count  # noqa: F401  (epoch_order re-exported)
-
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: biases and every parameter of a normalisation layer get no decay.

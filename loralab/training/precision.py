@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from loralab.costs import measure
 from loralab.errors import UserError
-from loralab.training.batching import epoch_order, target_count  # noqa: F401  (epoch_order re-exported)
 from loralab.training.config import PRECISIONS, TrainConfig
 
 
@@ -17,9 +16,10 @@ def resolve_precision(requested: str, device: torch.device | str, *,
                       native_bf16: bool | None = None) -> str:
     """The precision a run computes in, "fp32" or "bf16": fp32 and bf16 as asked; auto -> bf16
     where the device multiplies bf16 natively (`measure.native_bf16`: AVX512-BF16 or AMX-BF16
-    CPUs, bf16 GPUs), fp32 elsewhere. Why: on an AMX Xeon bf16 autocast trains SmolLM2 LoRA
-    1.74x faster than fp32 (validation loss +0.13%); on an AVX2-only CPU the emulated bf16
-    kernels are ~30x slower. `native_bf16` may be passed in instead of read from the device."""
+    CPUs, bf16 GPUs), fp32 elsewhere. Why: where bf16 is native, bf16 autocast trains faster
+    at nearly the same validation loss; where it is emulated, the bf16 kernels are many times
+    slower (BENCHMARKS.md has the measurements). `native_bf16` may be passed in instead of
+    read from the device. Raises UserError for an unknown precision."""
     if requested not in PRECISIONS:
         raise UserError(f"unknown precision {requested!r}; use auto, fp32 or bf16")
     if requested != "auto":
@@ -55,10 +55,12 @@ def with_resolved_precision(config: TrainConfig, device: torch.device | str) -> 
     return dataclasses.replace(config, precision=resolve_precision(config.precision, device))
 
 
-def _autocast(config: TrainConfig, device: torch.device):
-    """bf16 autocast or nothing; the config's precision must be resolved (not auto) by now."""
+def autocast(config: TrainConfig, device: torch.device) -> AbstractContextManager:
+    """bf16 autocast or nothing; the config's precision must be resolved (not auto) by now.
+    Raises ValueError for precision auto."""
     if config.precision == "auto":
         raise ValueError("precision auto must be resolved first (with_resolved_precision)")
     if config.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+

@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loralab.errors import UserError
+from loralab.training.config import (  # noqa: F401  (re-exported)
+    TRACKERS,
+    TRACKING_FIELDS,
+    parse_report_to,
+)
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
-TRACKING_FIELDS = ("report_to", "tracking_group", "tracking_dir")
-"""TrainConfig fields that choose where results are reported; never part of a config hash."""
 INSTALL = "pip install 'loralab[tracking]'"
 WANDB_HOST = "api.wandb.ai"
 
@@ -47,22 +49,6 @@ class Tracker(Protocol):
     def where(self) -> dict[str, Any]:
         """What `report_final` needs to re-open this run's tracker later (JSON-able; kept in
         record.json under `tracking`)."""
-
-
-def parse_report_to(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
-    """`tensorboard,wandb` (or a list) -> ('tensorboard', 'wandb'), in the given order without
-    repeats; 'none' (or nothing) -> () (no tracker at all). Unknown names are a UserError."""
-    if value is None:
-        return ()
-    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-    names = tuple(dict.fromkeys(n.strip().lower() for n in items if n.strip()))
-    if names == ("none",):
-        return ()
-    unknown = [n for n in names if n not in TRACKERS]
-    if unknown:
-        raise UserError(f"unknown tracker {unknown[0]!r} in report_to; choose from "
-                        f"{', '.join(TRACKERS)} (comma-separated) or none")
-    return names
 
 
 def _require(module: str) -> Any:
@@ -247,8 +233,9 @@ def final_values(metrics: Mapping[str, Mapping[str, Any]], costs: Mapping[str, A
 
 
 def report_final(record: Mapping[str, Any], final: Mapping[str, float]) -> list[str]:
-    """Add final values computed after `train` closed the trackers (a study's generation
-    scores: BLEU, ROUGE-L, ..., and their costs) to the same runs, re-opened from what
+    """Add final values computed after `train` closed the trackers (e.g. generation scores
+    rescored later from RUN/generations.jsonl; a study's own scores reach the trackers inside
+    `train` through its `after_evaluation` hook) to the same runs, re-opened from what
     record.json keeps under `tracking` (`Tracker.where`): TensorBoard scalars appended to RUN/tb,
     the W&B run resumed by its id in the mode it ran in (its summary updated; offline, a second
     offline-run-* directory of the same run id, which `wandb sync` appends), the MLflow run by

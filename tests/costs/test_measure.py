@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_gpt2, tiny_llama
 from loralab.costs import measure
+from loralab.quant import count_parameters
 
 
 def test_count_parameters_counts_tied_weights_once():
@@ -16,7 +17,7 @@ def test_count_parameters_counts_tied_weights_once():
     naive = {id(p): p.numel() for p in model.parameters()}
     assert model.lm_head.weight is model.model.embed_tokens.weight
     model.model.norm.weight.requires_grad_(False)
-    trainable, total = measure.count_parameters(model)
+    trainable, total = count_parameters(model)
     assert total == sum(naive.values())
     assert trainable == total - model.model.norm.weight.numel()
 
@@ -39,8 +40,11 @@ def test_matmul_parameters_and_forward_flops_match_torch_flop_counter():
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_training_flops_estimate_close_to_counted(method):
+    # what full fine-tuning and LoRA train, as their strategies pass it (test_strategies.py)
+    facts = {"full": {"trains_all": True}, "lora": {}}[method]
     """The 6N / 4N + 6 r (d_in + d_out) rules vs FLOPs counted over forward + backward."""
-    from loralab.lora.layer import LoRAConfig, apply_lora, lora_parameters
+    from loralab.lora.config import LoRAConfig
+    from loralab.lora.inject import apply_lora, lora_parameters
 
     model = tiny_gpt2(n_layer=2, n_embd=64).train()
     if method == "lora":
@@ -52,16 +56,17 @@ def test_training_flops_estimate_close_to_counted(method):
     with FlopCounterMode(display=False) as counter:
         model(input_ids=ids).logits.float().logsumexp(-1).sum().backward()
     lora_n = sum(p.numel() for p in lora_parameters(model))
-    estimate = measure.flops_per_token(method, measure.matmul_parameters(model),
-                                       lora_params=lora_n) * b * t
+    estimate = measure.flops_per_token(measure.matmul_parameters(model), lora_params=lora_n,
+                                       **facts) * b * t
     assert estimate == pytest.approx(counter.get_total_flops(), rel=0.12)
 
 
 def test_flops_rules():
-    assert measure.flops_per_token("full", 100) == 600
-    assert measure.flops_per_token("lora", 100, lora_params=10) == 460
-    assert measure.flops_per_token("head", 100, head_params=5) == 220
-    assert measure.flops_per_token("none", 100) == 0
+    """The rules by what trains (per method: test_strategies.py)."""
+    assert measure.flops_per_token(100, trains_all=True) == 600
+    assert measure.flops_per_token(100, lora_params=10) == 460
+    assert measure.flops_per_token(100, body_backward=False, head_params=5) == 220
+    assert measure.flops_per_token(100, trains=False) == 0
     assert measure.mfu(1e9, 2.0, 1e9) == 0.5
 
 

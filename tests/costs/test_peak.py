@@ -1,5 +1,5 @@
-"""The matmul peak MFU divides by (loralab.costs.peak): model-shaped, best-of-k, cached per processor,
-re-measured when a run beats it; MFU never above 100%; the FLOPs-per-token formula."""
+"""The matmul peak MFU divides by (loralab.costs.peak): model-shaped, best-of-k, cached per
+processor, re-measured when a run beats it; MFU never above 100%; the FLOPs-per-token formula."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_llama
-from loralab.costs import measure
-from loralab.costs import peak
+from loralab.costs import measure, peak
 
 AMD = measure.CPUInfo(model="AMD EPYC 7B13", flags=("avx2", "fma"))
 INTEL = measure.CPUInfo(model="Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz",
@@ -125,15 +124,17 @@ def test_benchmark_shapes_times_best_of_at_least_five():
 
 
 def test_flops_per_token_formula_spells_out_the_value():
-    for method, kw in [("full", {}), ("lora", {"lora_params": 10}), ("head", {"head_params": 5}),
-                       ("none", {})]:
-        text = measure.flops_per_token_formula(method, 1000, **kw)
-        value = measure.flops_per_token(method, 1000, **kw)
+    """Method-free rules here; every method's formula: test_strategies.py."""
+    for facts in [{"trains_all": True}, {"lora_params": 10},
+                  {"body_backward": False, "head_params": 5}, {"trains": False}]:
+        text = measure.flops_per_token_formula(*measure.flops_formula(1000, **facts))
+        value = measure.flops_per_token(1000, **facts)
         assert text.split(" (N = ")[0].endswith(f"= {value:,.0f}"), text
-    assert measure.flops_per_token_formula("lora", 1000, lora_params=10).startswith(
+    assert measure.flops_per_token_formula(*measure.flops_formula(1000, lora_params=10)).startswith(
         "4 N + 6 A = 4 x 1,000 + 6 x 10 = 4,060")
-    mixed = measure.flops_per_token_formula("lora-head", 1000, lora_params=10, head_params=5,
-                                            lora_fraction=0.75)
+    lora = measure.flops_formula(1000, lora_params=10)
+    head = measure.flops_formula(1000, body_backward=False, head_params=5)
+    mixed, _ = measure.mixed_flops_formula([(0.75, *lora), (0.25, *head)], "the phases' shares")
     assert "= 3,550 (" in mixed  # 0.75 x 4,060 + 0.25 x 2,020
 
 

@@ -49,7 +49,7 @@ def test_matches_naive_reference(kind):
     ref = naive(q, k, v, mask, kind == "causal", 0.4, 0.3, seed=9)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dy)
     assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=False):
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
     # dropout really drops: the same call without it differs
     assert not torch.allclose(out, naive(q, k, v, mask, kind == "causal", 0.4, 0.0, 9))
@@ -109,7 +109,7 @@ def _matches_naive(model, ids, seed, monkeypatch) -> list[tuple]:
     # ~90 ulps and still far below a wrong mask or scale (~1e-2)
     assert torch.allclose(loss, ref, rtol=1e-5)
     # gradients (|g| <= 0.23): measured <= 3.2e-8 apart, >30x inside these
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=False):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
     return calls
 

@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
-from loralab.kernels.compiling import (AUTO_MIN_FLOPS, compile_blocks, repeated_blocks, should_compile,
-                               uncompile_blocks)
-from loralab.lora.layer import LoRAConfig, apply_lora, lora_modules
+from loralab.kernels.compiling import (
+    AUTO_MIN_FLOPS,
+    compile_blocks,
+    repeated_blocks,
+    should_compile,
+    uncompile_blocks,
+)
+from loralab.lora.config import LoRAConfig
+from loralab.lora.inject import apply_lora, lora_modules
 
 
 @pytest.mark.parametrize("make, where", [(tiny_gpt2, "transformer.h"), (tiny_llama, "model.layers"),
@@ -24,15 +30,15 @@ def test_repeated_blocks_are_the_layer_stack(make, where):
 def test_should_compile_policy():
     big = dict(params=135_000_000, tokens_per_step=1024)  # SmolLM2 at 8 x 128
     steps = math.ceil(AUTO_MIN_FLOPS / (6 * 135_000_000 * 1024))
-    assert should_compile("auto", method="lora", total_steps=steps, **big)[0]
-    assert not should_compile("auto", method="lora", total_steps=steps - 1, **big)[0]
-    assert not should_compile("auto", method="lora", total_steps=20, params=22_000_000,
+    assert should_compile("auto", trains=True, total_steps=steps, **big)[0]
+    assert not should_compile("auto", trains=True, total_steps=steps - 1, **big)[0]
+    assert not should_compile("auto", trains=True, total_steps=20, params=22_000_000,
                               tokens_per_step=2048)[0]  # a short MiniLM run stays eager
-    assert should_compile("on", method="full", total_steps=1)[0]
-    assert not should_compile("off", method="lora", total_steps=10**6, **big)[0]
-    assert not should_compile("on", method="none", total_steps=10)[0]
+    assert should_compile("on", trains=True, total_steps=1)[0]
+    assert not should_compile("off", trains=True, total_steps=10**6, **big)[0]
+    assert not should_compile("on", trains=False, total_steps=10)[0]
     with pytest.raises(ValueError):
-        should_compile("yes", method="lora", total_steps=10)
+        should_compile("yes", trains=True, total_steps=10)
 
 
 def _adapted(make, targets: str, dropout: float = 0.0):
@@ -51,7 +57,8 @@ def test_compiled_blocks_match_eager_logits_and_grads(make, targets):
     """The composed LoRA path traced by dynamo (sliced GPT-2 c_attn included) gives the eager
     custom-Function results: logits and every adapter gradient."""
     model = _adapted(make, targets)
-    x = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    x = torch.randint(0, model.config.vocab_size, (2, 12),
+                      generator=torch.Generator().manual_seed(3))
     eager = model(x).logits
     eager.square().mean().backward()
     ref = {n: (m.lora_A.grad.clone(), m.lora_B.grad.clone()) for n, m in lora_modules(model)}
@@ -89,10 +96,9 @@ def test_compiled_dropout_drops_and_rescales():
 def test_train_with_compile_on_matches_eager(tmp_path):
     """train() with --compile on (real inductor) gives the eager loss curve (dropout 0) and
     records that it compiled; the blocks run eagerly again afterwards."""
-    from test_train import Loaded, lm_data
-
     from loralab.training.config import TrainConfig
     from loralab.training.loop import train
+    from test_train import Loaded, lm_data
 
     curves = {}
     for setting in ("off", "on"):

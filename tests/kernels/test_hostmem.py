@@ -244,7 +244,8 @@ def test_plan_restarts_only_cpu_training_commands(argv, gpu, reason):
 
 def test_library_callers_are_never_re_executed():
     """`cli.main(argv)` from a program (the tests) keeps its process and allocator."""
-    code = ("import sys\nfrom loralab.cli import main as cli\nfrom loralab.kernels import hostmem\nsys.argv[0] = '/venv/bin/loralab'\n"
+    code = ("import sys\nfrom loralab.cli import main as cli\n"
+            "from loralab.kernels import hostmem\nsys.argv[0] = '/venv/bin/loralab'\n"
             "cli.main([])\n"
             "print('ALLOC=' + hostmem.allocator_in_use())\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

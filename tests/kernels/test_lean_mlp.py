@@ -100,7 +100,8 @@ def test_lean_mlps_swaps_llama_mlps_and_keeps_state_dict_keys():
 
 def test_lora_training_step_matches_plain_mlps():
     """One adapted model with lean MLPs and one without give the same loss and LoRA grads."""
-    from loralab.lora.layer import LoRAConfig, apply_lora, lora_parameters
+    from loralab.lora.config import LoRAConfig
+    from loralab.lora.inject import apply_lora, lora_parameters
 
     def build(lean: bool):
         torch.manual_seed(0)
@@ -120,7 +121,7 @@ def test_lora_training_step_matches_plain_mlps():
         model = build(lean)
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append([p.grad for p in lora_parameters(model)])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -156,7 +157,8 @@ def test_gpt2_lora_training_step_and_dropout_fallback():
     """LoRA on c_attn with lean MLPs: same loss and adapter gradients as plain MLPs in eval
     mode (residual dropout off); in train mode the MLP's dropout still applies; an adapted
     c_fc (a LoRA layer, not a Conv1D) takes the plain path."""
-    from loralab.lora.layer import LoRAConfig, apply_lora, lora_parameters
+    from loralab.lora.config import LoRAConfig
+    from loralab.lora.inject import apply_lora, lora_parameters
 
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     grads = []
@@ -170,7 +172,7 @@ def test_gpt2_lora_training_step_and_dropout_fallback():
         model.eval()
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append([p.grad for p in lora_parameters(model)])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     model.train()
     mlp = model.transformer.h[0].mlp
@@ -188,7 +190,8 @@ def test_gpt2_adapted_mlp_uses_fused_gelu_in_training_and_gelu_new_without_grad(
     same output and adapter gradients up to rounding; a no-grad call is gelu_new bit for bit."""
     import copy
 
-    from loralab.lora.layer import LoRAConfig, apply_lora, lora_parameters
+    from loralab.lora.config import LoRAConfig
+    from loralab.lora.inject import apply_lora, lora_parameters
 
     model = _gpt2()
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="attn-proj-ffn"))
@@ -215,25 +218,25 @@ def test_gpt2_adapted_mlp_uses_fused_gelu_in_training_and_gelu_new_without_grad(
     # adapter gradients (|g| up to ~6) sum 64 tokens x 128 features of products that the fused
     # GELU rounds differently: 1.9e-6 apart at most (measured, also with other GEMM kernels),
     # which an atol of 1e-6 let through only by an element's rtol share; 2e-5 is 10x that
-    for a, b in zip(lean_grads, ref_grads):
+    for a, b in zip(lean_grads, ref_grads, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
     with torch.no_grad():
         assert torch.equal(lean(x), plain(x))
 
 
 def test_full_fine_tuning_gpt2_gets_the_fused_gelu_with_the_same_weight_gradients():
-    """prepare_model for method "full" installs the lean MLPs; with every weight trainable
+    """The full fine-tuning strategy's prepare installs the lean MLPs; with every weight trainable
     the MLP takes the plain path with the fused GELU, and every weight gradient matches the
     untouched transformers model up to rounding."""
     import copy
 
     from loralab.training.config import make_config
-    from loralab.training.strategy_ops import prepare_model
+    from loralab.training.strategies.base import strategy_for
 
     ref = _gpt2(layers=2).eval()                                 # dropout off on both sides
     model = copy.deepcopy(ref)
-    prepare_model(model, make_config(model="tiny", task="lm", data="synthetic", method="full",
-                                     out="unused"))
+    strategy_for(make_config(model="tiny", task="lm", data="synthetic", method="full",
+                             out="unused")).prepare(model)
     assert all(isinstance(block.mlp, LeanGeluMLP) and not block.mlp.lean()
                for block in model.transformer.h)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))

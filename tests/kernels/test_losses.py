@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralab.lora.layer import LoRALinear
 from loralab.kernels.losses import _chunk_mask, fused_linear_cross_entropy, shifted_labels
+from loralab.lora.layer import LoRALinear
 
 
 def _setup(train_head: bool, lora: bool, bias: bool, dtype=torch.float64):
@@ -117,9 +117,9 @@ def test_causal_lm_loss_module_matches_model_loss_and_grads():
 
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import tiny_gpt2, tiny_llama
-
-    from loralab.lora.layer import LoRAConfig, apply_lora, lora_modules, lora_parameters
     from loralab.kernels.losses import CausalLMLoss, fused_loss_supported
+    from loralab.lora.config import LoRAConfig
+    from loralab.lora.inject import apply_lora, lora_modules, lora_parameters
 
     for make in (tiny_gpt2, tiny_llama):
         model = apply_lora(make(), LoRAConfig(rank=2, targets="all"))

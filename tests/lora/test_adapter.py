@@ -10,14 +10,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from loralab import LoRAConfig, apply_lora, load_adapter, save_adapter
 from loralab.errors import UserError
-from loralab.lora.layer import LoRALinear, lora_modules
+from loralab.lora.inject import lora_modules
+from loralab.lora.layer import LoRALinear
 from loralab.lora.peft_fields import FIELDS, check_lora_config, is_off
 
 warnings.filterwarnings("ignore", category=UserWarning)

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from loralab.errors import UserError
 from loralab.lora.targets import resolve_targets
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from loralab.report import report
-from loralab.study import runner as study
+from loralab.report.write import write_report
+from loralab.study.runner import run_study
+from loralab.study.spec import parse_study
 
 pytestmark = pytest.mark.slow
 
@@ -115,15 +116,15 @@ CHECK_JS = """(() => {
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/system-deps.sh)")
 @pytest.mark.parametrize("which", ["plain", "quant"])
 def test_report_renders_in_headless_chromium(tmp_path, which):
-    import test_report
+    import report_studies as test_report
 
     text, run_fn, title, n_tables = (
         (test_report.STUDY, test_report.recorded_run, "rep", 4) if which == "plain" else
         # quality, cost, deployment (float/PTQ/QAT/QLoRA), quantization details, runs
         (test_report.QSTUDY, test_report.quant_record, "q", 5))
     out = tmp_path / "study"
-    study.run_study(study.parse_study(text), out, run_fn=run_fn, progress=lambda m: None)
-    report.write_report(out)
+    run_study(parse_study(text), out, run_fn=run_fn, progress=lambda m: None)
+    write_report(out)
     page = (out / "report.html").resolve()
 
     cdp = DevTools(CHROMIUM, tmp_path / "profile")

@@ -10,7 +10,7 @@ import pytest
 
 from loralab.errors import UserError
 from loralab.results.database import ResultsDB, find_db
-from loralab.study.runner import RunSpec
+from loralab.study.plan import RunSpec
 
 
 def spec(study: str, strategy: str, seed: int, root: Path) -> RunSpec:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_gpt2
 
+from conftest import tiny_gpt2
 from loralab.scoring.decode import GREEDY, PAPER_BEAM, DecodeConfig, generate_ids
 
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_gpt2
 
+from conftest import tiny_gpt2
 from loralab.scoring.metrics import (
     bits_per_byte,
     evaluate_lm,
@@ -237,9 +237,9 @@ def test_lambada_against_naive_greedy():
 
 def _naive_prf(y: list[int], p: list[int], cls: int) -> tuple[float, float, float]:
     """Precision, recall, F1 of one class by counting; 0 where a denominator is 0."""
-    tp = sum(t == cls and q == cls for t, q in zip(y, p))
-    fp = sum(t != cls and q == cls for t, q in zip(y, p))
-    fn = sum(t == cls and q != cls for t, q in zip(y, p))
+    tp = sum(t == cls and q == cls for t, q in zip(y, p, strict=False))
+    fp = sum(t != cls and q == cls for t, q in zip(y, p, strict=False))
+    fn = sum(t == cls and q != cls for t, q in zip(y, p, strict=False))
     return (tp / (tp + fp) if tp + fp else 0.0, tp / (tp + fn) if tp + fn else 0.0,
             2 * tp / (2 * tp + fp + fn) if tp else 0.0)
 
@@ -254,7 +254,7 @@ def test_classification_scores_equal_naive_counts(n_classes, seed):
     macro = [sum(c[m] for c in per_class) / n_classes for m in range(3)]
     main = per_class[1] if n_classes == 2 else macro  # binary: class 1 is the positive class
     # sums of at most 5 ratios of small integers: exact up to float rounding
-    assert got["accuracy"] == sum(t == q for t, q in zip(y, p)) / len(y)
+    assert got["accuracy"] == sum(t == q for t, q in zip(y, p, strict=False)) / len(y)
     for m, name in enumerate(("precision", "recall", "f1")):
         assert got[f"{name}_macro"] == pytest.approx(macro[m], abs=1e-12)
         assert got[name] == pytest.approx(main[m], abs=1e-12)

@@ -55,10 +55,9 @@ def job(out: str, method: str, model: str = "gpt2", parallel: str = "auto") -> d
     2 processes), ragged target counts so the token normalisation across ranks matters. Full
     fine-tuning keeps the best validation checkpoint (LLaMA's best is step 2: restored).
     `bert` is sequence classification (no fused loss, the model's own forward)."""
-    from test_train import Loaded, cls_data, lm_data
-
     from loralab.training.config import TrainConfig
     from loralab.training.loop import train
+    from test_train import Loaded, cls_data, lm_data
 
     task = "classify" if model == "bert" else "lm"
     config = TrainConfig(model="tiny", task=task, method=method, out=out, max_steps=4,
@@ -71,10 +70,9 @@ def job(out: str, method: str, model: str = "gpt2", parallel: str = "auto") -> d
 def resumable(out: str, resume: bool = False) -> dict:
     """Full fine-tuning, 6 steps of 5 per epoch: checkpoints at 2, 3 (evaluation), 4, 5
     (epoch end, evaluation), 6; warm-up + cosine."""
-    from test_train import Loaded, lm_data
-
     from loralab.training.config import TrainConfig
     from loralab.training.loop import train
+    from test_train import Loaded, lm_data
 
     config = TrainConfig(model="tiny", task="lm", method="full", out=out, max_steps=6,
                          batch_size=4, grad_accum=2, lr=1e-2, eval_every=3, checkpoint_every=2,
@@ -224,7 +222,8 @@ def test_fsdp_nan_stop_then_resume_equals_uninterrupted_run(tmp_path, ddp_runs):
     # shapes, same reduction order); resuming must not change a bit
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                      strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["state"]["curves"] == b["state"]["curves"]
     single = resumable(str(tmp_path / "single"))

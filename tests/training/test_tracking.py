@@ -1,6 +1,6 @@
-"""Experiment tracking (loralab.training.tracking): TensorBoard by default, W&B offline and a local MLflow
-store read back with each library's own reader, tracking settings outside the config hash, and
-generations.jsonl rescored by `loralab score --generations`."""
+"""Experiment tracking (loralab.training.tracking): TensorBoard by default, W&B offline and a
+local MLflow store read back with each library's own reader, tracking settings outside the config
+hash, and generations.jsonl rescored by `loralab score --generations`."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import tiny_gpt2
-from test_study import BASE, fake_run_fn
-from test_train import Loaded, lm_data, train
 
-from loralab.study import runner as st
-from loralab.training import tracking
+from conftest import tiny_gpt2
+from loralab import study as st
 from loralab.errors import UserError
+from loralab.study import runner as study_runner
+from loralab.training import tracking
 from loralab.training.config import TrainConfig, make_config
+from study_helpers import BASE, fake_run_fn
+from test_train import Loaded, lm_data, train
 
 
 @pytest.fixture
@@ -181,9 +182,9 @@ def test_cli_report_to_reaches_the_train_config_and_the_study(tmp_path, monkeypa
     study_file = tmp_path / "t.yaml"
     study_file.write_text(BASE)
     studies: list = []
-    monkeypatch.setattr("loralab.study.runner.run_study",
+    monkeypatch.setattr("loralab.study.run_study",
                         lambda spec, out_dir, **kw: studies.append((spec, out_dir)))
-    monkeypatch.setattr("loralab.report.report.write_report", lambda *a, **k: (_ for _ in ()).throw(
+    monkeypatch.setattr("loralab.report.write.write_report", lambda *a, **k: (_ for _ in ()).throw(
         SystemExit(0)))
     with pytest.raises(SystemExit):
         cli.main(["compare", str(study_file), "--out", str(tmp_path / "o"),
@@ -249,7 +250,7 @@ def test_one_run_reports_to_tensorboard_wandb_and_mlflow(offline_env):
         assert summary[key] == pytest.approx(final[key], rel=1e-12)
 
 
-# --- generations.jsonl and `loralab score --generations` -------------------------------------------
+# --- generations.jsonl and `loralab score --generations` ----------------------------------------
 
 def test_generations_are_kept_and_rescored_by_the_cli(tmp_path, capsys):
     """A generation evaluation writes one line per source (prompt, references, hypothesis);
@@ -257,9 +258,8 @@ def test_generations_are_kept_and_rescored_by_the_cli(tmp_path, capsys):
     from types import SimpleNamespace
 
     from conftest import tiny_gpt2
-    from test_study import _word_tokenizer
-
     from loralab.cli import main as cli
+    from study_helpers import _word_tokenizer
 
     tok = _word_tokenizer()
     rows = [list(range(1 + i, 31 + i)) for i in range(6)]
@@ -328,10 +328,10 @@ def test_compare_reports_a_study_to_one_mlflow_experiment(offline_env):
     compare with W&B added trains nothing."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
-    from test_study import TINY_REAL
 
     from loralab.cli.main import main
     from loralab.models.loading import load_model
+    from study_helpers import TINY_REAL
 
     try:
         load_model("minilm-l6", "classify")
@@ -424,41 +424,45 @@ def test_generation_scores_reach_the_trackers_after_the_run(offline_env):
 
 
 def test_study_sends_generation_scores_to_the_run_trackers(monkeypatch, tmp_path):
-    """`default_run_fn` hands `report_final` the record (with its `tracking`) and only what
-    train() could not have logged: the generation scores of each generating eval set and the
-    generation costs, not the eval set's loss again. A tracker that cannot be reached leaves a
-    note in record.json instead of failing the run."""
+    """`default_run_fn` hands train() an `after_evaluation` hook returning only what train()
+    could not have measured itself: the generation scores of each generating eval set and the
+    generation costs. train() merges them into the record before its one record.json write and
+    before the trackers close, so the trackers' final values (`tracking.final_values`) and the
+    record hold them next to the eval set's loss."""
     import loralab.models.loading
     import loralab.training.loop
+    from loralab.training.record import Record
 
-    where = {"mlflow": {"tracking_uri": "sqlite:///x.db", "run_id": "abc"}}
     monkeypatch.setattr(loralab.models.loading, "load_model", lambda *a, **k: type(
         "Loaded", (), {"model": None, "tokenizer": None})())
-    monkeypatch.setattr(st, "build_task_data", lambda config, tokenizer: None)
-    monkeypatch.setattr(loralab.training.loop, "train", lambda tc, **kw: {
-        "status": "finished", "metrics": {"gen": {"loss": 2.0}}, "costs": {},
-        "curves": {"train_loss": [[2, 2.5]]}, "tracking": where, "notes": []})
+    monkeypatch.setattr(study_runner, "build_task_data", lambda config, tokenizer: None)
+    sent: list = []
+
+    def fake_train(tc, **kw):  # what train() does with the hook, on a finished record
+        record = Record("r", "finished", {}, metrics={"gen": {"loss": 2.0}},
+                        curves={"train_loss": [[2, 2.5]]})
+        extra = kw["after_evaluation"](None, None, record.to_dict())
+        sent.append(extra)
+        record.add(extra)
+        return record.to_dict()
 
     def fake_scores(model, tokenizer, task_data, ev, config, timings):
         timings["decode_seconds"] = 0.5
         return {"bleu": 12.5, "rouge_l": 0.25, "generated": 4}
 
-    monkeypatch.setattr(st, "generation_scores", fake_scores)
-    sent: list = []
-    monkeypatch.setattr(tracking, "report_final", lambda record, final: sent.append(
-        (record["tracking"], dict(final))) or ["final values not reported to mlflow: X"])
+    monkeypatch.setattr(loralab.training.loop, "train", fake_train)
+    monkeypatch.setattr(study_runner, "generation_scores", fake_scores)
     config = st.run_matrix(st.parse_study(BASE), tmp_path)[1].config
     config["eval_sets"] = [{"name": "gen", "generate": {"max_new_tokens": 4}}]
     Path(config["out"]).mkdir(parents=True)
     record = st.default_run_fn(config, False)
-    ((got_where, final),) = sent
-    assert got_where == where
+    (extra,) = sent
+    final = tracking.final_values(extra.metrics, extra.costs)
     assert set(final) == {"gen/bleu", "gen/rouge_l", "gen/generated",
                           "costs/generation_seconds", "costs/decode_seconds"}
     assert (final["gen/bleu"], final["costs/decode_seconds"]) == (12.5, 0.5)
-    saved = json.loads((Path(config["out"]) / "record.json").read_text())
-    assert saved["notes"] == record["notes"] == ["final values not reported to mlflow: X"]
-    assert saved["metrics"]["gen"] == {"loss": 2.0, "bleu": 12.5, "rouge_l": 0.25, "generated": 4}
+    assert record["metrics"]["gen"] == {"loss": 2.0, "bleu": 12.5, "rouge_l": 0.25, "generated": 4}
+    assert not (Path(config["out"]) / "record.json").exists()  # the study writes no record
 
 
 def test_report_final_without_trackers_or_values_does_nothing():

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from loralab.costs import measure
 from loralab.errors import UserError
+from loralab.training.batching import epoch_order
 from loralab.training.config import TrainConfig, config_from_yaml, make_config
 from loralab.training.loop import TrainingDiverged, train
 from loralab.training.optim import decay_groups, lr_factor
-from loralab.training.batching import epoch_order
-from loralab.training.strategy_ops import frozen_body
+from loralab.training.strategies.base import frozen_body
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -135,19 +135,6 @@ def test_config_rejects_bad_values(bad):
         TrainConfig(**bad)
 
 
-def test_parallel_mode_per_method_and_world_size():
-    """auto: FSDP for full fine-tuning only; one process is always 'single'."""
-    from loralab.training.distributed import Dist, _parallel_mode
-
-    two = Dist(rank=0, world=2)
-    modes = {(m, p): _parallel_mode(TrainConfig(method=m, parallel=p), two)
-             for m, p in [("full", "auto"), ("full", "fsdp"), ("full", "ddp"), ("lora", "auto"),
-                          ("head", "ddp"), ("none", "auto")]}
-    assert modes == {("full", "auto"): "fsdp", ("full", "fsdp"): "fsdp", ("full", "ddp"): "ddp",
-                     ("lora", "auto"): "ddp", ("head", "ddp"): "ddp", ("none", "auto"): "eval"}
-    assert _parallel_mode(TrainConfig(method="full"), Dist()) == "single"
-
-
 # --- pieces of the loop ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -194,7 +181,7 @@ def test_frozen_body_stores_no_body_activations_and_keeps_head_gradients():
     for frozen in (False, True):
         model = tiny_gpt2().train()
         model.requires_grad_(False)
-        from loralab.models.loading import untie_head
+        from loralab.models.heads import untie_head
         untie_head(model)
         head = model.lm_head
         head.requires_grad_(True)
@@ -260,7 +247,7 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
     # other micro-batch shapes sum in another order: losses (~4.8, log space) and adapter
     # weights agree to ~1e-7..1e-6 after 3 Adam steps; these keep >10x margin (checked with
     # OMP_NUM_THREADS=1 and with MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default)
-    for c, w in zip(curves[1:], weights[1:]):
+    for c, w in zip(curves[1:], weights[1:], strict=True):
         assert c == pytest.approx(curves[0], abs=1e-5)
         for k in weights[0]:
             torch.testing.assert_close(w[k], weights[0][k], atol=1e-5, rtol=1e-4)
@@ -290,7 +277,8 @@ def test_head_only_changes_only_the_head(tmp_path):
     ("none", None),
     ("full", None),
     ("lora", "task head frozen: lm_head (Linear, 4,096 parameters)"),
-    ("lora-head", "task head trained fully (in the head phase): lm_head (Linear, 4,096 parameters)"),
+    ("lora-head",
+     "task head trained fully (in the head phase): lm_head (Linear, 4,096 parameters)"),
 ])
 def test_notes_say_exactly_which_head_modules_train(tmp_path, method, note):
     """The head note is read from the parameters that train: never a claim of a trained head
@@ -357,7 +345,8 @@ def test_bf16_and_grad_checkpointing(tmp_path):
     a = [v for _, v in fp32["curves"]["train_loss"]]
     assert [v for _, v in ckpt["curves"]["train_loss"]] == pytest.approx(a, abs=1e-6)
     # recomputation runs the same kernels on the same inputs (1e-6 only for safety); bf16
-    # (ulp 0.4%, native on AMX, emulated on AVX2) moved a loss of ~4.8 by < 5e-3 (measured): 0.05 is 1%
+    # (ulp 0.4%, native on AMX, emulated on AVX2) moved a loss of ~4.8 by < 5e-3 (measured):
+    # 0.05 is 1%
     assert [v for _, v in bf16["curves"]["train_loss"]] == pytest.approx(a, abs=0.05)
     assert [v for _, v in bf16["curves"]["train_loss"]] != a
     # a CPU without native bf16 gets told that fp32 is the faster choice; fp32 runs are not
@@ -406,7 +395,7 @@ def test_auto_precision_run_records_both_and_computes_in_the_resolved_one(tmp_pa
     the CPU, and why; its losses and metrics are those of the explicit resolved precision
     (autocast and evaluation both follow it). The machine's answer is patched so both branches
     run here; bf16 on a CPU without it is emulated, slower but the same arithmetic."""
-    import loralab.training.loop as train_module
+    from loralab.training.precision import precision_note
 
     monkeypatch.setattr(measure, "native_bf16", lambda device, cpu=None: native)
     resolved = "bf16" if native else "fp32"
@@ -419,7 +408,7 @@ def test_auto_precision_run_records_both_and_computes_in_the_resolved_one(tmp_pa
     assert auto["env"]["cpu"] == measure.cpu_info().to_dict()
     assert set(auto["env"]["cpu"]) == {"model", "flags", "native_bf16"}
     assert [n for n in auto["notes"] if n.startswith("precision auto")] == [
-        train_module.precision_note("auto", resolved, "cpu")]
+        precision_note("auto", resolved, "cpu")]
     assert not [n for n in same["notes"] if n.startswith("precision auto")]
     assert auto["curves"]["train_loss"] == same["curves"]["train_loss"]  # the same arithmetic
     assert auto["metrics"] == same["metrics"]
@@ -473,7 +462,8 @@ def test_evaluate_scores_causal_lms_without_building_full_logits(make):
     ragged, padded, prompt-masked rows and with a LoRA-adapted head."""
     from dataclasses import replace
 
-    from loralab.lora.layer import LoRAConfig, apply_lora
+    from loralab.lora.config import LoRAConfig
+    from loralab.lora.inject import apply_lora
     from loralab.training.evaluate import evaluate
 
     model = make()
@@ -504,17 +494,17 @@ def test_final_evaluation_reuses_a_complete_evaluation_of_the_same_weights(tmp_p
     """The validation pass of the last step (or of the restored best step) is not run again at
     the end when it read every example; a partial one (eval_batches) is, over every example.
     The reused metrics equal a fresh evaluation of the final weights."""
-    import loralab.training.loop as train_module
+    import loralab.training.evaluate as evaluate_module
 
     calls: list[tuple[int, int]] = []
-    real = train_module.evaluate
+    real = evaluate_module.evaluate
 
-    def counting(model, dataset, collate_fn, config, device=torch.device("cpu"), max_batches=0,
+    def counting(model, dataset, collate_fn, config, device=None, max_batches=0,
                  progress=None):
         calls.append((len(dataset), max_batches))
         return real(model, dataset, collate_fn, config, device, max_batches, progress)
 
-    monkeypatch.setattr(train_module, "evaluate", counting)
+    monkeypatch.setattr(evaluate_module, "evaluate", counting)
     data = lm_data(n=16, n_val=40)  # 40 rows: two evaluation batches of 32
     model = tiny_gpt2()
     rec = run(tmp_path, model=model, data=data, name="a", max_steps=3, eval_every=1)
@@ -651,7 +641,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, method, fault, survivor
     # order on the same CPU, so any difference is a resume bug (RNG, data order, state)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                      strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["state"]["curves"]["train_loss"] == b["state"]["curves"]["train_loss"]
     assert rec["status"] == "finished"
@@ -700,14 +691,14 @@ def test_prepare_model_uses_seeded_dropout_and_attention_for_training_methods():
     from loralab.kernels.attention import NAME
     from loralab.lora.dropout import SeededDropout
     from loralab.training.config import make_config
-    from loralab.training.strategy_ops import prepare_model
+    from loralab.training.strategies.base import strategy_for
 
     for method, swapped in (("lora", True), ("full", True), ("head", False)):
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64,
                                            n_positions=32))
-        prepare_model(model, make_config(model="tiny", task="lm", data="synthetic",
-                                         method=method, out="unused"))
+        strategy_for(make_config(model="tiny", task="lm", data="synthetic", method=method,
+                                 out="unused")).prepare(model)
         kinds = {type(m) for m in model.modules()}
         assert (SeededDropout in kinds) == swapped and (nn.Dropout in kinds) != swapped, method
         assert (model.config._attn_implementation == NAME) == swapped, method
@@ -749,8 +740,13 @@ def base_checkpoints(tmp_path_factory):
     import csv
     import random
 
-    from transformers import (AutoTokenizer, DistilBertConfig, DistilBertForMaskedLM,
-                              RobertaConfig, RobertaForMaskedLM)
+    from transformers import (
+        AutoTokenizer,
+        DistilBertConfig,
+        DistilBertForMaskedLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
 
     from loralab import bundled
 
@@ -795,7 +791,7 @@ def test_multilayer_head_is_trained_saved_and_reproduced(base_checkpoints, tmp_p
     module left out of the file would be re-drawn at random on each reload)."""
     from safetensors import safe_open
 
-    from loralab.training.saved import evaluate_saved
+    from loralab.study.runs import evaluate_saved
 
     out = tmp_path / "run"
     rec = train(make_config({
@@ -838,7 +834,7 @@ def test_frozen_body_gives_every_head_module_its_gradient():
     head module, or pre_classifier would train on nothing in head-only steps."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from loralab.models.loading import task_head_modules
+    from loralab.models.heads import task_head_modules
 
     torch.manual_seed(0)
     model = DistilBertForSequenceClassification(DistilBertConfig(
@@ -857,3 +853,55 @@ def test_frozen_body_gives_every_head_module_its_gradient():
         grads.append(model.pre_classifier.weight.grad.clone())
     # same graph above pre_classifier either way: bitwise-equal fp32 gradients
     assert torch.equal(grads[0], grads[1]) and grads[1].abs().sum() > 0
+
+
+# --- the study's hooks: extra costs and results after the final evaluation ---------------------
+
+def test_extra_costs_and_after_evaluation_reach_the_record_and_the_trackers(tmp_path,
+                                                                              monkeypatch):
+    """`extra_costs` are merged into the record's costs, `after_evaluation` runs once (rank 0)
+    after the final evaluation with the trained model, and what it returns is in the record
+    written to disk and in the trackers' final values, so nothing patches record.json later."""
+    from loralab.training.logger import Logger
+    from loralab.training.record import ExtraResults
+
+    closed: list[dict] = []
+    real_close = Logger.close
+
+    def close(self, hparams=None, metrics=None):
+        closed.append(dict(metrics or {}))
+        return real_close(self, hparams, metrics)
+
+    monkeypatch.setattr(Logger, "close", close)
+    seen = []
+
+    def after(model, tokenizer, record):
+        seen.append((model, tokenizer, record["status"], dict(record["metrics"])))
+        return ExtraResults(metrics={"validation": {"bleu": 12.5}, "gen": {"rouge": 0.5}},
+                            costs={"generation_seconds": 2.0}, notes=["scored generations"])
+
+    model = tiny_gpt2()
+    config = TrainConfig(model="tiny", task="lm", method="lora", out=str(tmp_path / "run"),
+                         max_steps=2, batch_size=4, lr=1e-2, warmup_steps=0, precision="fp32")
+    rec = train(config, loaded=Loaded(model), task_data=lm_data(n=16),
+                extra_costs={"load_seconds": 1.5, "data_seconds": 0.25,
+                             "data_from_cache": False},
+                after_evaluation=after)
+    assert len(seen) == 1 and seen[0][0] is model and seen[0][2] == "finished"
+    assert "loss" in seen[0][3]["validation"]
+    assert rec["metrics"]["validation"]["bleu"] == 12.5 and "loss" in rec["metrics"]["validation"]
+    assert rec["metrics"]["gen"] == {"rouge": 0.5}
+    costs = rec["costs"]
+    assert (costs["load_seconds"], costs["data_seconds"], costs["data_from_cache"],
+            costs["generation_seconds"]) == (1.5, 0.25, False, 2.0)
+    assert list(costs)[-3:] == ["load_seconds", "data_from_cache", "generation_seconds"]
+    assert rec["notes"][-1] == "scored generations"
+    assert json.loads((tmp_path / "run" / "record.json").read_text()) == \
+        json.loads(json.dumps(rec))
+    final = closed[-1]
+    assert final["gen/rouge"] == 0.5 and final["validation/bleu"] == 12.5
+    assert final["costs/generation_seconds"] == 2.0 and final["costs/load_seconds"] == 1.5
+    # a finished run resumed returns its record untouched: the hook does not run again
+    again = train(config, resume=True, loaded=Loaded(tiny_gpt2()), task_data=lm_data(n=16),
+                  after_evaluation=after)
+    assert len(seen) == 1 and again == json.loads(json.dumps(rec))

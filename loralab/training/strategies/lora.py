@@ -1,0 +1,55 @@
+"""`lora`: LoRA adapters on the frozen base (+ the whole freshly initialised task head for
+`classify`).
+
+Each adapted layer computes W x + s B A x with W frozen, A (r x d_in) and B (d_out x r)
+trained and s = alpha / r (alpha / sqrt(r) with rsLoRA); B starts at 0, so training starts from
+the pretrained function. Training FLOPs per token: 4 N (the forward, and the gradient wrt
+activations through the frozen body; no weight gradients for W) + 6 A (the adapters' own
+forward and both backward matmuls; A = adapter parameters). The artefact is the adapter in
+PEFT's format; a saved run's model is rebuilt as W + s B A (unmerged)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loralab.lora.adapter import save_adapter
+from loralab.lora.config import LoRAConfig
+from loralab.lora.inject import apply_lora
+from loralab.training.config import TrainConfig
+from loralab.training.strategies.base import Strategy
+
+
+def lora_targets(preset: str | tuple[str, ...]) -> str | tuple[str, ...]:
+    """The config's LoRA targets as `LoRAConfig` takes them: a tuple of names stays a tuple, a
+    comma-separated string becomes one, a preset name stays a string."""
+    if isinstance(preset, str) and "," in preset:
+        return tuple(p for p in preset.split(",") if p)
+    return preset
+
+
+def lora_config(config: TrainConfig) -> LoRAConfig:
+    """The run's adapters: rank, alpha, dropout, targets, rsLoRA; the task head trains with
+    them for `classify` (a classifier's head is freshly initialised)."""
+    return LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
+                      targets=lora_targets(config.preset), rslora=config.rslora,
+                      train_head=config.task == "classify")
+
+
+class LoRA(Strategy):
+    """Adapters W + s B A on the frozen body; only A, B (and a classifier's head) train."""
+
+    cpu_speedups = True
+
+    def make_trainable(self, model: nn.Module) -> None:
+        apply_lora(model, lora_config(self.config))
+
+    def save_artifact(self, model: nn.Module, loaded: Any, out: Path,
+                      whole: dict[str, torch.Tensor] | None = None) -> dict:
+        """`out/adapter`: the adapter in PEFT's format (loralab.lora.adapter)."""
+        artifacts = super().save_artifact(model, loaded, out, whole)
+        artifacts["adapter"] = str(save_adapter(model, out / "adapter"))
+        return artifacts
