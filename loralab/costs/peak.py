@@ -28,6 +28,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,8 @@ def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, nn.Linear):
         return int(module.in_features), int(module.out_features)
     if type(module).__name__ == "Conv1D":  # weight (d_in, d_out) = (nx, nf)
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
+        weight = cast(torch.Tensor, module.weight)
+        return int(weight.shape[0]), int(weight.shape[1])
     return None
 
 
@@ -193,14 +195,14 @@ def matmul_peak(shapes: tuple[Shape, ...], dtype: torch.dtype = torch.float32,
                           str(entry.get("how", "")), key, "cache")
     rate, calls = benchmark_shapes(shapes, dtype, device)
     sizes = ", ".join(f"{t}x{i}x{o}" for t, i, o in shapes)
-    new = {"flops_per_second": rate,
-           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "how": f"best of >= {calls} timed F.linear calls per shape after a warm-up, "
-                  f"(tokens x d_in x d_out) {sizes}, {dtype}, {threads} threads, on {device}"}
+    measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    how = (f"best of >= {calls} timed F.linear calls per shape after a warm-up, "
+           f"(tokens x d_in x d_out) {sizes}, {dtype}, {threads} threads, on {device}")
+    new: dict[str, Any] = {"flops_per_second": rate, "measured_at": measured_at, "how": how}
     if entry is None:
         cache[key] = new
         _write_cache(path, cache)
-        return MatmulPeak(rate, new["measured_at"], new["how"], key, "measured")
+        return MatmulPeak(rate, measured_at, how, key, "measured")
     old = float(entry["flops_per_second"])
     kept = new if rate > old else entry
     cache[key] = kept

@@ -384,6 +384,10 @@ def read_raw(name: str, kind: str, task: str, options: dict[str, Any]
         return _raw_file(Path(name).expanduser(), task, options)
     if kind == "e2e-dir":
         root = Path(name).expanduser() if name != "e2e" else _find_e2e_dir(options.get("data_dir"))
+        if root is None:  # resolve_source found the CSVs; they have gone since
+            raise UserError("e2e: the local CSVs are no longer there; pass data_dir (CLI: "
+                            "--data-dir) pointing at devset.csv + testset_w_refs.csv, or set "
+                            "LORALAB_E2E_DIR")
         return _raw_e2e_local(root), None
     if kind == "hub":
         raw, names = _raw_hub(name)

@@ -30,11 +30,16 @@ whose attention is "sdpa" and has dropout to it. The name is not saved with the 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import nn
 
 from loralab.lora.dropout import draw_seed, keep_float, random_bits
 from loralab.lora.layer import compute_dtype
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 NAME = "loralab_sdpa"
 
@@ -137,5 +142,5 @@ def use_dropout_attention(model: nn.Module) -> bool:
     # builds no padding or causal mask at all for a name it has no mask function for
     AttentionInterface.register(NAME, dropout_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
-    model.set_attn_implementation(NAME)
+    cast("PreTrainedModel", model).set_attn_implementation(NAME)  # checked just above
     return config._attn_implementation == NAME

@@ -82,9 +82,10 @@ class _FrozenSwiGLU(torch.autograd.Function):
         return dx.to(ctx.x_dtype), None, None, None
 
 
-def _frozen_plain(*tensors: torch.Tensor | None) -> bool:
+def _frozen_plain(*tensors: torch.Tensor | nn.Module | None) -> bool:
     """Every tensor is a plain tensor (not a quantized subclass) that does not require grad."""
-    return all(type(t) in (torch.Tensor, nn.Parameter) and not t.requires_grad for t in tensors)
+    return all((type(t) is torch.Tensor or type(t) is nn.Parameter) and not t.requires_grad
+               for t in tensors)
 
 
 def _lean_call() -> bool:
@@ -151,7 +152,7 @@ def _plain_frozen_conv1d(layer: nn.Module) -> bool:
             and _frozen_plain(layer.weight, layer.bias))
 
 
-def _gelu_approximation(act: nn.Module) -> str | None:
+def _gelu_approximation(act: nn.Module | None) -> str | None:
     """'tanh' for "gelu_new" / "gelu_pytorch_tanh", None for any other activation."""
     if type(act).__name__ in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
         return "tanh"
@@ -196,11 +197,12 @@ def _is_swiglu(module: nn.Module) -> bool:
 
 def _lean_version(module: nn.Module) -> nn.Module | None:
     """The lean replacement for a supported MLP, else None."""
+    child = module.get_submodule  # typed nn.Module access to a direct child
     if _is_swiglu(module):
-        return LeanSwiGLU(module.gate_proj, module.up_proj, module.down_proj)
+        return LeanSwiGLU(child("gate_proj"), child("up_proj"), child("down_proj"))
     if (type(module).__name__ == "GPT2MLP"
             and _gelu_approximation(getattr(module, "act", None)) is not None):
-        return LeanGeluMLP(module.c_fc, module.c_proj, module.act, module.dropout)
+        return LeanGeluMLP(child("c_fc"), child("c_proj"), child("act"), child("dropout"))
     return None
 
 

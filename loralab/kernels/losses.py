@@ -24,6 +24,8 @@ accumulation can weight micro-batches by tokens.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,41 +33,48 @@ from torch import nn
 from loralab.lora.dropout import draw_seed, dropout_mask
 from loralab.lora.layer import LoRALinear, compute_dtype
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 IGNORE_INDEX = -100
 
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, scale: float,
-                label_smoothing: float, chunk_size: int, p: float, seed: int, grads: bool):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, labels: torch.Tensor,
+                scale: float, label_smoothing: float, chunk_size: int, p: float, seed: int,
+                grads: bool) -> torch.Tensor:
         n, d = hidden.shape
         vocab = weight.shape[0]
         dtype = compute_dtype(hidden)
+        # (A, B) of a LoRA head: given together or not at all
+        lora = None if lora_a is None or lora_b is None else (lora_a, lora_b)
         need_w = grads and weight.requires_grad
         need_b = grads and bias is not None and bias.requires_grad
-        need_lora = grads and lora_a is not None and lora_a.requires_grad
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             b = bias.to(dtype) if bias is not None else None
-            a = lora_a.to(dtype) if lora_a is not None else None
-            bb = lora_b.to(dtype) if lora_b is not None else None
+            ab = None if lora is None else (lora[0].to(dtype), lora[1].to(dtype))
             grad_h = torch.empty(n, d, dtype=hidden.dtype, device=hidden.device) \
                 if grads and hidden.requires_grad else None
             acc = torch.promote_types(dtype, torch.float32)  # accumulate in >= fp32
             grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
             grad_b = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_b else None
-            grad_a = torch.zeros_like(lora_a, dtype=acc) if need_lora else None
-            grad_bb = torch.zeros_like(lora_b, dtype=acc) if need_lora else None
+            grad_ab = (torch.zeros_like(lora[0], dtype=acc), torch.zeros_like(lora[1], dtype=acc)) \
+                if grads and lora is not None and lora[0].requires_grad else None
             total = torch.zeros((), dtype=acc, device=hidden.device)
             for start in range(0, n, chunk_size):
                 h = hidden[start:start + chunk_size].to(dtype)
                 y = labels[start:start + chunk_size]
                 z = F.linear(h, w, b)                                   # (c, V)
-                u = hd = None
-                if a is not None:
+                hu = None                                               # (dropped-out h, h A^T)
+                if ab is not None:
+                    a, bb = ab
                     hd = h if p == 0 else h * _chunk_mask(hidden, p, seed, start, chunk_size, dtype)
                     u = hd @ a.T                                        # (c, r)
                     z.addmm_(u, bb.T, alpha=scale)
+                    hu = hd, u
                 z = z.to(torch.promote_types(z.dtype, torch.float32))   # softmax in >= fp32
                 valid = y != IGNORE_INDEX
                 safe_y = torch.where(valid, y, torch.zeros_like(y))
@@ -78,7 +87,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 denom = e.sum(dim=-1)
                 lse = z_max + denom.log()
                 loss_t = lse - target
-                if label_smoothing > 0:
+                if z_mean is not None:                                  # label_smoothing > 0
                     loss_t = (1 - label_smoothing) * loss_t + label_smoothing * (lse - z_mean)
                 total += (loss_t * valid).sum()
                 if not grads:
@@ -94,21 +103,24 @@ class _FusedLinearCE(torch.autograd.Function):
                 gc = g.to(dtype)
                 if grad_h is not None:
                     gh = gc @ w                                         # (c, d)
-                    if a is not None and p == 0:
-                        gh.addmm_(gc @ bb, a, alpha=scale)
-                    elif a is not None:                                 # through the dropout
-                        mask = _chunk_mask(hidden, p, seed, start, chunk_size, dtype)
-                        gh.add_((gc @ bb @ a).mul_(mask), alpha=scale)
+                    if ab is not None:
+                        a, bb = ab
+                        if p == 0:
+                            gh.addmm_(gc @ bb, a, alpha=scale)
+                        else:                                           # through the dropout
+                            mask = _chunk_mask(hidden, p, seed, start, chunk_size, dtype)
+                            gh.add_((gc @ bb @ a).mul_(mask), alpha=scale)
                     grad_h[start:start + chunk_size] = gh
-                if need_w:
+                if grad_w is not None:
                     grad_w.addmm_(gc.T.to(acc), h.to(acc))
-                if need_b:
+                if grad_b is not None:
                     grad_b += g.sum(0).to(acc)
-                if need_lora:
+                if grad_ab is not None and ab is not None and hu is not None:
+                    (grad_a, grad_bb), (a, bb), (hd, u) = grad_ab, ab, hu
                     gbb = gc @ bb                                       # (c, r)
                     grad_a.addmm_(gbb.T.to(acc), hd.to(acc), alpha=scale)
                     grad_bb.addmm_(gc.T.to(acc), u.to(acc), alpha=scale)
-        ctx.save_for_backward(grad_h, grad_w, grad_b, grad_a, grad_bb)
+        ctx.save_for_backward(grad_h, grad_w, grad_b, *(grad_ab or (None, None)))
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype,
                       None if lora_a is None else lora_a.dtype)
         return total
@@ -184,7 +196,8 @@ def fused_loss_supported(model: nn.Module) -> bool:
         return False
     if getattr(config, "final_logit_softcapping", None):
         return False
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = (cast("PreTrainedModel", model).get_output_embeddings()
+            if hasattr(model, "get_output_embeddings") else None)
     if isinstance(head, LoRALinear):
         return not head.conv1d and len(head.slices) == 1 and isinstance(head.base, nn.Linear)
     return isinstance(head, nn.Linear) and getattr(model, "base_model", model) is not model
@@ -207,10 +220,11 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 labels: torch.Tensor) -> torch.Tensor:
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    use_cache=False)
+        model = cast("PreTrainedModel", self.model)  # a model `fused_loss_supported` accepted
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                               use_cache=False)
         hidden = out.last_hidden_state                                  # (B, T, d)
-        total, _ = fused_linear_cross_entropy(hidden, self.model.get_output_embeddings(),
+        total, _ = fused_linear_cross_entropy(hidden, model.get_output_embeddings(),
                                               shifted_labels(labels), self.label_smoothing,
                                               self.chunk_size)
         return total

@@ -226,7 +226,7 @@ def _strip(key: str) -> str:
     return key.replace(".default.", ".")
 
 
-def _pattern_value(pattern: dict, name: str, default):
+def _pattern_value(pattern: dict[str, float] | None, name: str, default: float) -> float:
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name as a regex on its
     trailing components."""
     import re

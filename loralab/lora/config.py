@@ -13,6 +13,10 @@ from typing import Literal
 
 from loralab.errors import UserError
 
+PRESETS = ("qv", "attn", "attn-proj", "attn-proj-ffn", "all")
+"""The LoRA target presets, each adding to the one before (their module patterns per
+architecture: `loralab.lora.targets`). Kept here, torch-free, for the command line's choices."""
+
 
 @dataclass(frozen=True)
 class LoRAConfig:

@@ -30,7 +30,7 @@ once (loralib's MergedLinear).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -180,9 +180,10 @@ class LoRALinear(nn.Module):
         self.rank, self.scale, self.dropout = rank, scale, dropout
         self.merged = False
         width = sum(hi - lo for lo, hi in self.slices)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(len(self.slices) * rank, d_in, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(width, rank, **factory))
+        device, dtype = self.weight.device, self.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(len(self.slices) * rank, d_in, device=device,
+                                               dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(width, rank, device=device, dtype=dtype))
         for block in self.lora_A.data.split(rank):
             if init == "gaussian":
                 nn.init.normal_(block, std=1.0 / rank)
@@ -200,11 +201,11 @@ class LoRALinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The frozen base weight (so code that reads `layer.weight` keeps working)."""
-        return self.base.weight
+        return cast(torch.Tensor, self.base.weight)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+        return cast("torch.Tensor | None", self.base.bias)
 
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
         """(A, B): the trainable factors (the `loralab.models.heads.CarriesAdapters` protocol)."""
@@ -218,7 +219,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base(x)
         p = self.dropout if self.training else 0.0
-        weight = self.base.weight
+        weight = self.weight
         # QAT (torchao FakeQuantizedLinear base): the frozen path and the adapter both see the
         # fake-quantized input Q(x), as in the deployed quantized model; W becomes Q(W)
         fq_x = getattr(self.base, "activation_fake_quantizer", None)
@@ -230,7 +231,7 @@ class LoRALinear(nn.Module):
         if torch.compiler.is_compiling():
             return self._composed(x, _dense(weight), p)
         seed = draw_seed() if p > 0 else 0
-        return lora_matmul(x, weight, self.base.bias, self.lora_A, self.lora_B,
+        return lora_matmul(x, weight, self.bias, self.lora_A, self.lora_B,
                            self.scale, self.slices, p, seed, self.conv1d)
 
     def _composed(self, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
@@ -241,8 +242,12 @@ class LoRALinear(nn.Module):
         recomputes the cheap elementwise results. (The eager Function's host-side dropout seed
         would break the graph; here dropout is inductor's own random op.)
         """
-        bias = self.base.bias
-        out = torch.matmul(x, weight) + bias if self.conv1d else F.linear(x, weight, bias)
+        bias = self.bias
+        if self.conv1d:
+            assert bias is not None  # transformers' Conv1D always has a bias
+            out = torch.matmul(x, weight) + bias
+        else:
+            out = F.linear(x, weight, bias)
         xd = F.dropout(x, p, training=True) if p > 0 else x
         u = xd @ self.lora_A.T                                      # (..., k r)
         if self.slices == ((0, out.shape[-1]),):
@@ -284,8 +289,8 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def _add_delta(self, sign: float) -> None:
-        delta = self.delta_weight().to(self.base.weight.dtype)
-        self.base.weight.add_(delta.T if self.conv1d else delta, alpha=sign)
+        delta = self.delta_weight().to(self.weight.dtype)
+        self.weight.add_(delta.T if self.conv1d else delta, alpha=sign)
 
 
 __all__ = ["LoRALinear", "compute_dtype", "lora_matmul"]

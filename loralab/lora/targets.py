@@ -23,14 +23,15 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
+from typing import cast
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loralab.errors import UserError
+from loralab.lora.config import PRESETS
 from loralab.models.heads import task_head_modules
-
-PRESETS = ("qv", "attn", "attn-proj", "attn-proj-ffn", "all")
 
 # Regexes over full module names (`re.search`), per architecture family. Each preset adds to the
 # previous one; the head is found separately (see `head_module_names`).
@@ -98,7 +99,7 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an adaptable module; Conv1D stores its weight as (d_in, d_out)."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    d_in, d_out = module.weight.shape
+    d_in, d_out = cast(torch.Tensor, module.weight).shape
     return d_in, d_out
 
 
@@ -124,7 +125,8 @@ def head_module_names(model: nn.Module) -> list[str]:
             name = f"{head_name}.{sub}" if sub else head_name
             if any(name.startswith(n + ".") for n in names):
                 continue  # the base layer inside a LoRA layer already listed
-            if is_adaptable(module) or is_adaptable(getattr(module, "base", None)):
+            base = getattr(module, "base", None)
+            if is_adaptable(module) or (isinstance(base, nn.Module) and is_adaptable(base)):
                 names.append(name)
     return names
 

@@ -9,7 +9,7 @@ module that carries adapters says so through the `CarriesAdapters` protocol, so
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 from safetensors.torch import load_file
@@ -27,6 +27,21 @@ class CarriesAdapters(Protocol):
     adapters, not to the head the module sits in."""
 
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]: ...
+
+
+class _HasEmbeddings(Protocol):
+    """A transformers `PreTrainedModel`'s embedding accessors."""
+
+    def get_input_embeddings(self) -> nn.Module: ...
+
+    def get_output_embeddings(self) -> nn.Module | None: ...
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    """`model.get_output_embeddings()`, or None for a model without that accessor."""
+    if not hasattr(model, "get_output_embeddings"):
+        return None
+    return cast(_HasEmbeddings, model).get_output_embeddings()
 
 
 def task_head_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -50,10 +65,10 @@ def task_head_modules(model: nn.Module) -> dict[str, nn.Module]:
             if child is not backbone and next(child.parameters(), None) is not None:
                 heads[name] = child
     if not heads:
-        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        name = next((n for n, m in model.named_modules() if n and m is out), None)
-        if name is not None:
-            heads[name] = out
+        out = _output_embeddings(model)
+        out_name = next((n for n, m in model.named_modules() if n and m is out), None)
+        if out is not None and out_name is not None:
+            heads[out_name] = out
     if not heads:
         raise UserError(f"{type(model).__name__} has no task head (no module besides its "
                         "backbone, and no output embeddings); use a task model class")
@@ -149,7 +164,7 @@ def is_head_tied(model: nn.Module) -> bool:
     """True when the lm_head shares its weight tensor with the input embeddings."""
     if not hasattr(model, "get_output_embeddings"):
         return False
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    out, inp = _output_embeddings(model), cast(_HasEmbeddings, model).get_input_embeddings()
     return out is not None and inp is not None and out.weight is inp.weight
 
 
@@ -162,4 +177,6 @@ def untie_head(model: nn.Module) -> bool:
     """
     if not is_head_tied(model):
         return False
-    return untie_weight(model, model.get_output_embeddings())
+    out = _output_embeddings(model)
+    assert out is not None  # is_head_tied found it
+    return untie_weight(model, out)

@@ -6,6 +6,9 @@ insert or remove their layers.
 
 from __future__ import annotations
 
+from typing import cast
+
+import torch
 from torch import nn
 
 
@@ -23,7 +26,7 @@ def untie_weight(model: nn.Module, module: nn.Module) -> bool:
 
     The config's `tie_word_embeddings` (and its text config's) is cleared, so
     `save_pretrained` and a reload keep the two apart."""
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)
     # owners of the tensor only: a wrapper exposing its base layer's weight as a property (a LoRA
     # layer) is not an owner and must not count as sharing (it would untie every adapted layer)
     shared = any(m is not module and m._parameters.get("weight") is weight

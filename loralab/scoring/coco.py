@@ -88,7 +88,8 @@ def meteor_score(refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> tuple[fl
     proc = subprocess.Popen([java, "-jar", "-Xmx2G", str(jar), "-", "-", "-stdio", "-l", "en",
                              "-norm"], cwd=str(jar.parent), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr  # all PIPE: never None
     lines = []
     for rs, hyp in zip(refs, hyps, strict=False):
         hyp = hyp.replace("|||", "").replace("  ", " ")
@@ -97,26 +98,26 @@ def meteor_score(refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> tuple[fl
 
     def write() -> None:
         try:
-            proc.stdin.write(payload)
-            proc.stdin.flush()
+            stdin.write(payload)
+            stdin.flush()
         except BrokenPipeError:
             pass
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
     try:
-        stats = [proc.stdout.readline().decode().strip() for _ in hyps]
+        stats = [stdout.readline().decode().strip() for _ in hyps]
         writer.join()
         if any(not s for s in stats):
             raise RuntimeError("METEOR stopped early: "
-                               + proc.stderr.read().decode(errors="replace")[-500:])
-        proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
-        proc.stdin.flush()
-        segment = [float(proc.stdout.readline().strip()) for _ in hyps]
-        corpus = float(proc.stdout.readline().strip())
+                               + stderr.read().decode(errors="replace")[-500:])
+        stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+        stdin.flush()
+        segment = [float(stdout.readline().strip()) for _ in hyps]
+        corpus = float(stdout.readline().strip())
     finally:
         try:
-            proc.stdin.close()
+            stdin.close()
         except BrokenPipeError:
             pass
         proc.kill()

@@ -117,11 +117,9 @@ def generate_texts(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[
     A prompt is a string (tokenised by `encode_prompts`) or a list of token ids (used as is:
     e.g. the first tokens of a held-out block, with no decode/re-encode round trip).
     `progress`: a label to show decoding progress under (`generate_ids`)."""
-    encoded = [list(p) if not isinstance(p, str) else None for p in prompts]
     texts = [p for p in prompts if isinstance(p, str)]
-    if texts:
-        it = iter(encode_prompts(tokenizer, texts))
-        encoded = [next(it) if e is None else e for e in encoded]
+    it = iter(encode_prompts(tokenizer, texts) if texts else [])
+    encoded = [next(it) if isinstance(p, str) else list(p) for p in prompts]
     ids = generate_ids(model, encoded, config=config, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, batch_size=batch_size,
                        progress=progress)

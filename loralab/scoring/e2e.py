@@ -77,10 +77,10 @@ def _read_table(path: Path, second: re.Pattern, second_name: str) -> tuple[list[
     if len(mr_cols) != 1 or len(txt_cols) != 1:
         raise UserError(f"{path}: expected one `mr` column and one `{second_name}` column in the "
                         f"header, found {header}; name the columns `mr,{second_name}`")
-    bad = [n for n, row in enumerate(rows[1:], start=2) if len(row) != len(header)]
-    if bad:
-        raise UserError(f"{path}: rows {bad[:5]} have {len(rows[bad[0] - 1])} fields, the header "
-                        f"has {len(header)}; quote fields that contain the delimiter")
+    short = [n for n, row in enumerate(rows[1:], start=2) if len(row) != len(header)]
+    if short:
+        raise UserError(f"{path}: rows {short[:5]} have {len(rows[short[0] - 1])} fields, the "
+                        f"header has {len(header)}; quote fields that contain the delimiter")
     mrs = [row[mr_cols[0]] for row in rows[1:]]
     texts = [row[txt_cols[0]] for row in rows[1:]]
     return mrs, texts

@@ -84,9 +84,11 @@ def mteval_bleu(tok_refs: Sequence[Sequence[Sequence[str]]], tok_hyps: Sequence[
     width = max(len(rs) for rs in tok_refs)
     streams = [[" ".join(rs[i]) if i < len(rs) and (i == 0 or rs[i]) else None
                 for rs in tok_refs] for i in range(width)]
+    hyps = [" ".join(h) for h in tok_hyps]
     # force: the text is tokenised on purpose (sacrebleu would warn about "tokenized periods")
-    return sacrebleu.corpus_bleu([" ".join(h) for h in tok_hyps], streams, tokenize="none",
-                                 smooth_method="exp", force=True).score / 100
+    bleu = sacrebleu.corpus_bleu(hyps, streams,  # type: ignore[arg-type]  # takes None refs
+                                 tokenize="none", smooth_method="exp", force=True)
+    return bleu.score / 100
 
 
 def mteval_nist(tok_refs: Sequence[Sequence[Sequence[str]]], tok_hyps: Sequence[Sequence[str]]

@@ -195,8 +195,9 @@ def sacrebleu_scores(refs: Sequence[Sequence[str]], hyps: Sequence[str], *,
 
     width = max(len(rs) for rs in refs)
     streams = [[rs[i] if i < len(rs) else None for rs in refs] for i in range(width)]
-    out = {"sacreBLEU": sacrebleu.corpus_bleu(list(hyps), streams).score,
-           "chrF": sacrebleu.corpus_chrf(list(hyps), streams).score}
+    bleu = sacrebleu.corpus_bleu(list(hyps), streams)  # type: ignore[arg-type]  # takes None refs
+    chrf = sacrebleu.corpus_chrf(list(hyps), streams)  # type: ignore[arg-type]  # takes None refs
+    out = {"sacreBLEU": bleu.score, "chrF": chrf.score}
     if ter:
         out["TER"] = ter_score(refs, hyps)
     return out

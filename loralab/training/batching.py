@@ -61,6 +61,7 @@ class StepBatchSampler(Sampler[list[int]]):
                 epoch, step_in_epoch = epoch + 1, 0
             if order_epoch != epoch:
                 order, order_epoch = epoch_order(self.n, self.seed, epoch), epoch
+            assert order is not None  # set on the first pass: order_epoch starts at -1
             start = step_in_epoch * global_batch
             step_idx = order[start:start + global_batch].tolist()
             for k in range(self.grad_accum):

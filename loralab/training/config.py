@@ -28,6 +28,7 @@ import yaml
 
 from loralab.data import MIN_SEQ_LEN
 from loralab.errors import ConfigError, UserError
+from loralab.lora.config import PRESETS
 from loralab.training.strategies import registry
 
 METHODS = registry.names()
@@ -238,9 +239,13 @@ class TrainConfig:
              f"parallel fsdp shards full fine-tuning only, not method {self.method!r}; use "
              "--parallel ddp or auto"),
             ("rank", self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}"),
+            ("alpha", self.alpha > 0, f"LoRA alpha must be > 0, got {self.alpha}"),
+            ("dropout", 0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got "
+             f"{self.dropout}"),
+            ("head_epochs", self.head_epochs > 0, f"head_epochs must be > 0, got "
+             f"{self.head_epochs}"),
             ("preset", bool(self.preset) or self.method not in lora_methods(),
-             "no LoRA targets given; use a preset (qv, attn, "
-             "attn-proj, attn-proj-ffn, all) or module names"),
+             f"no LoRA targets given; use a preset ({', '.join(PRESETS)}) or module names"),
             ("eval_max_examples", self.eval_max_examples >= 0,
              f"eval_max_examples must be >= 0 (0 = all), got {self.eval_max_examples}"),
         ]

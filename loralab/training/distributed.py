@@ -26,7 +26,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as tdist
@@ -36,6 +36,11 @@ from loralab.costs import measure
 from loralab.errors import UserError
 from loralab.training.config import TrainConfig
 from loralab.training.strategies.registry import get_spec
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import OptimizerStateType
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
 
 StateDicts = tuple[dict[str, torch.Tensor], dict | None]
 """(model tensors, optimizer state in `optimizer.state_dict()`'s layout or None)."""
@@ -214,7 +219,7 @@ class DDP(Distribution):
         return DistributedDataParallel(step_module, device_ids=ids)
 
     def micro_batch_sync(self, wrapped: nn.Module, last: bool) -> AbstractContextManager:
-        return nullcontext() if last else wrapped.no_sync()
+        return nullcontext() if last else cast("DistributedDataParallel", wrapped).no_sync()
 
 
 class FSDP(Distribution):
@@ -255,7 +260,8 @@ class FSDP(Distribution):
         return tracker
 
     def micro_batch_sync(self, wrapped: nn.Module, last: bool) -> AbstractContextManager:
-        wrapped.set_requires_gradient_sync(last)  # no reduce-scatter until the last micro-batch
+        # no reduce-scatter until the last micro-batch
+        cast("FSDPModule", wrapped).set_requires_gradient_sync(last)
         return nullcontext()
 
     def full_norm(self, norm: torch.Tensor) -> torch.Tensor:
@@ -310,6 +316,8 @@ class FSDPRoot(nn.Module):
     without the fused loss).
     """
 
+    loss: nn.Module | None  # in __dict__, not a submodule (see __init__)
+
     def __init__(self, model: nn.Module, loss: nn.Module | None) -> None:
         super().__init__()
         self.model = model
@@ -332,7 +340,9 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
         lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-        blocks = list(max(lists, key=len)) if lists else []
+        if lists:
+            largest = max(lists, key=len)
+            blocks = list(largest)
     seen: set[int] = set()
     tied: set[int] = set()
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -373,8 +383,9 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Sta
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    tensors = get_model_state_dict(model, options=options)
-    optim = get_optimizer_state_dict(model, optimizer, options=options) \
+    # full_state_dict: whole tensors (no DTensor shards) keyed by parameter/buffer name
+    tensors = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
+    optim: dict[str, Any] | None = get_optimizer_state_dict(model, optimizer, options=options) \
         if optimizer is not None else None
     if not tensors:
         return {}, None
@@ -412,9 +423,10 @@ def set_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     set_model_state_dict(model, dict(tensors), options=options)
     if optimizer is not None and optim is not None:
         names = _optimizer_names(model, optimizer)
-        by_name = {"state": {names[i]: dict(v) for i, v in optim["state"].items()},
-                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                                    for g in optim["param_groups"]]}
+        by_name: OptimizerStateType = {
+            "state": {names[i]: dict(v) for i, v in optim["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                             for g in optim["param_groups"]]}
         set_optimizer_state_dict(model, optimizer, by_name, options=options)
 
 

@@ -37,8 +37,9 @@ class Logger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         for tracker in self.trackers:
-            if getattr(tracker, "note", ""):
-                self.message(tracker.note)
+            note = getattr(tracker, "note", "")  # set by some trackers (W&B offline)
+            if note:
+                self.message(note)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tracker in self.trackers:

@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ from loralab.data.tasks import load_task_data
 from loralab.devices import device_defaults
 from loralab.errors import UserError
 from loralab.kernels import compiling
-from loralab.models.loading import load_model
+from loralab.models.loading import Task, load_model
 from loralab.quant import count_parameters
 from loralab.training import batching
 from loralab.training import checkpoint as ckpt
@@ -73,6 +73,9 @@ from loralab.training.step import (
 from loralab.training.strategies.base import Strategy, frozen_body, strategy_for
 from loralab.training.tracking import final_values
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 __all__ = ["TrainingDiverged", "load_pieces", "train"]
 
 AfterEvaluation = Callable[[nn.Module, Any, dict], ExtraResults]
@@ -83,7 +86,8 @@ evaluation and the strategy's finish)."""
 def load_pieces(config: TrainConfig) -> tuple[Any, Any, float]:
     """(loaded model, task data, data preparation seconds) via loralab.models.loading and
     loralab.data.tasks."""
-    loaded = load_model(config.model, config.task, num_labels=config.num_labels)
+    task = cast(Task, config.task)  # TrainConfig checks it is one of TASKS
+    loaded = load_model(config.model, task, num_labels=config.num_labels)
     t0 = time.perf_counter()
     data = load_task_data(config.data, config.task, loaded.tokenizer, seq_len=config.seq_len,
                           data_fraction=config.data_fraction, seed=config.seed)
@@ -141,9 +145,10 @@ def _prepare(model: nn.Module, strategy: Strategy, config: TrainConfig,
     if config.grad_checkpointing and strategy.spec.trains:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise UserError("this model does not support gradient checkpointing")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf = cast("PreTrainedModel", model)  # a transformers model: it has the method
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "config"):
-            model.config.use_cache = False
+            hf.config.use_cache = False
     return notes
 
 

@@ -21,7 +21,8 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for name, p in module.named_parameters(recurse=False):
             if is_norm or (name == "bias" and getattr(module, "bias", None) is p):
                 no_decay.add(id(p))
-    decay, plain = [], []
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (plain if id(p) in no_decay else decay).append(p)

@@ -44,7 +44,8 @@ def test_importing_the_config_imports_neither_torch_nor_transformers():
     ({"warmup_steps": -1}, "warmup_steps"), ({"seq_len": MIN_SEQ_LEN - 1}, "seq_len"),
     ({"parallel": "fsdp", "method": "lora"}, "parallel"), ({"rank": 0}, "rank"),
     ({"eval_max_examples": -1}, "eval_max_examples"), ({"report_to": "comet"}, "report_to"),
-    ({"preset": ","}, "preset"),
+    ({"preset": ","}, "preset"), ({"alpha": 0.0}, "alpha"), ({"dropout": 1.0}, "dropout"),
+    ({"dropout": -0.1}, "dropout"), ({"head_epochs": 0.0}, "head_epochs"),
 ])
 def test_every_check_raises_a_config_error_naming_its_field(bad, key):
     with pytest.raises(ConfigError) as info:

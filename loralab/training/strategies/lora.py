@@ -23,19 +23,12 @@ from loralab.training.config import TrainConfig
 from loralab.training.strategies.base import Strategy
 
 
-def lora_targets(preset: str | tuple[str, ...]) -> str | tuple[str, ...]:
-    """The config's LoRA targets as `LoRAConfig` takes them: a tuple of names stays a tuple, a
-    comma-separated string becomes one, a preset name stays a string."""
-    if isinstance(preset, str) and "," in preset:
-        return tuple(p for p in preset.split(",") if p)
-    return preset
-
-
 def lora_config(config: TrainConfig) -> LoRAConfig:
     """The run's adapters: rank, alpha, dropout, targets, rsLoRA; the task head trains with
-    them for `classify` (a classifier's head is freshly initialised)."""
+    them for `classify` (a classifier's head is freshly initialised). The targets arrive as the
+    config parsed them (`config.parse_targets`: a preset name or a tuple of module names)."""
     return LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
-                      targets=lora_targets(config.preset), rslora=config.rslora,
+                      targets=config.preset, rslora=config.rslora,
                       train_head=config.task == "classify")
 
 
