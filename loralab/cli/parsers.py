@@ -15,6 +15,7 @@ from loralab.cli.common import add_run_argument, describe
 from loralab.cli.help import add_config_options, document_defaults
 from loralab.lora.config import PRESETS
 from loralab.training.config import TASKS, config_fields
+from loralab.training.strategies import registry
 
 # --- train
 
@@ -28,13 +29,20 @@ TRAIN_EPILOG = """examples:
   torchrun --nproc-per-node 2 -m loralab train ...   # DDP (gloo on CPU, NCCL on GPU);
                                                      # --method full: FSDP (--parallel)
 
-methods: none (evaluate only), full, head (frozen body under no_grad), lora, lora-head
-(LoRA, then head only for --head-epochs), qat-lora / qlora / lora-ptq (see loralab.quant).
+methods (loralab/training/strategies/registry.py):
+{methods}
 The run directory gets record.json (config, metrics, costs, curves), tb/ (TensorBoard),
 checkpoints/ (resume), and adapter/ (PEFT format), head/ or model/.
 --precision auto (the default) is bf16 autocast where the CPU has AVX512-BF16 or AMX-BF16 (or
 the GPU has bf16), fp32 elsewhere; the record keeps both (config.precision, env.precision).
 """
+
+
+def methods_text() -> str:
+    """One line per registered method, `name  summary`, for the `train` help: read from the
+    registry, so a method added there is listed without touching this file."""
+    width = max(len(spec.name) for spec in registry.STRATEGIES)
+    return "\n".join(f"  {spec.name:<{width}}  {spec.summary}" for spec in registry.STRATEGIES)
 
 
 STUDY_ONLY = ("tracking_group", "tracking_dir")
@@ -45,7 +53,7 @@ def add_train_parser(p: argparse.ArgumentParser) -> None:
     """`loralab train`: --config, one option per TrainConfig field, --resume."""
     describe(p, "Train one run: full, head-only, LoRA or LoRA+head fine-tuning (or none: "
              "evaluate), measuring parameters, time, memory, FLOPs and artifact size into "
-             "RUN/record.json.", TRAIN_EPILOG)
+             "RUN/record.json.", TRAIN_EPILOG.format(methods=methods_text()))
     p.add_argument("--config", metavar="FILE.yaml",
                    help="YAML mapping of TrainConfig fields; command-line options override it")
     add_config_options(p, [n for n in config_fields() if n not in STUDY_ONLY])

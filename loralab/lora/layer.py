@@ -174,6 +174,10 @@ class LoRALinear(nn.Module):
         if not is_adaptable(base):
             raise UserError(f"LoRA adapts Linear and Conv1D layers, not {type(base).__name__}")
         d_in, d_out = in_out_features(base)
+        if rank > max(d_in, d_out):  # B A has rank <= min(d_in, d_out) whatever r is
+            raise UserError(f"LoRA rank {rank} is larger than both sides of a {d_in} x {d_out} "
+                            f"{type(base).__name__} (B A has rank at most {min(d_in, d_out)}, "
+                            f"and A, B would outgrow the layer); choose rank <= {max(d_in, d_out)}")
         self.base = base
         self.conv1d = not isinstance(base, nn.Linear)
         self.slices = tuple(slices) if slices else ((0, d_out),)

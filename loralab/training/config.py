@@ -358,7 +358,10 @@ def config_from_yaml(path: str | os.PathLike | None, **overrides: Any) -> TrainC
             raise UserError(f"cannot read config file {path}: {exc.strerror}; check the path") \
                 from None
         except yaml.YAMLError as exc:
-            raise UserError(f"config file {path} is not valid YAML ({exc}); fix its syntax") \
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            what = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            raise UserError(f"{where}: config file is not valid YAML ({what}); fix its syntax") \
                 from None
         if not isinstance(values, dict):
             raise UserError(f"config file {path} must hold a mapping of keys to values")

@@ -253,6 +253,9 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
     model: nn.Module = loaded.model
     strategy = strategy_for(config)
     notes = list(getattr(loaded, "notes", ())) + _prepare(model, strategy, config, dist)
+    if strategy.spec.trains and not strategy.trainable_parameters(model):
+        raise UserError(f"method {config.method!r} leaves no parameter of {config.model} "
+                        "trainable (e.g. it has no biases); choose another method or model")
     splits = bounded_splits(task_data.splits, config.eval_max_examples)
     if "train" not in splits and strategy.spec.trains:
         raise UserError(f"dataset {config.data} has no train split")

@@ -38,3 +38,13 @@ def test_config_options_take_type_choices_and_booleans_from_the_fields():
     assert tuple(method.choices) == registry.names()
     with pytest.raises(SystemExit):  # one length, two ways: at most one
         p.parse_args(["--epochs", "2", "--max-steps", "3"])
+
+
+def test_train_help_lists_every_registered_method_with_its_summary():
+    from loralab.cli.parsers import methods_text
+    from loralab.training.strategies import registry
+
+    lines = methods_text().splitlines()
+    assert [line.split()[0] for line in lines] == list(registry.names())
+    assert all(spec.summary in line for spec, line in zip(registry.STRATEGIES, lines,
+                                                           strict=True))

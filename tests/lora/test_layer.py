@@ -190,3 +190,16 @@ def test_layer_names_its_adapter_parameters():
     layer = LoRALinear(nn.Linear(6, 4), rank=2, scale=1.0)
     assert isinstance(layer, CarriesAdapters)
     assert layer.adapter_parameters() == (layer.lora_A, layer.lora_B)
+
+
+def test_a_rank_larger_than_both_sides_of_the_layer_is_refused():
+    """B A has rank <= min(d_in, d_out); a rank above max(d_in, d_out) only grows A and B past
+    the layer (a fresh user's --rank 100000 on SmolLM2 ran out of memory instead of an error).
+    Up to max(d_in, d_out) stays allowed, as PEFT allows it (e.g. rank 8 on a 2-class head)."""
+    from loralab.errors import UserError
+
+    with pytest.raises(UserError, match=r"LoRA rank 65 is larger than both sides of a 64 x 16 "
+                                        r"Linear .*at most 16.*choose rank <= 64"):
+        LoRALinear(nn.Linear(64, 16), rank=65, scale=1.0)
+    assert LoRALinear(nn.Linear(64, 2), rank=8, scale=1.0).lora_B.shape == (2, 8)
+    assert LoRALinear(nn.Linear(64, 16), rank=64, scale=1.0).lora_A.shape == (64, 64)

@@ -905,3 +905,15 @@ def test_extra_costs_and_after_evaluation_reach_the_record_and_the_trackers(tmp_
     again = train(config, resume=True, loaded=Loaded(tiny_gpt2()), task_data=lm_data(n=16),
                   after_evaluation=after)
     assert len(seen) == 1 and again == json.loads(json.dumps(rec))
+
+
+def test_a_method_that_leaves_nothing_trainable_is_a_one_line_error(tmp_path, monkeypatch):
+    """A method that trains nothing on this model (the CONTRIBUTING example, BitFit, on a
+    LLaMA without biases) stops before anything is written, with one line, instead of AdamW's
+    'empty parameter list' traceback after record.json exists."""
+    from loralab.training.strategies.head import HeadOnly
+
+    monkeypatch.setattr(HeadOnly, "trainable_parameters", lambda self, model: [])
+    with pytest.raises(UserError, match="method 'head' leaves no parameter of tiny trainable"):
+        run(tmp_path, method="head")
+    assert not (tmp_path / "run").exists()

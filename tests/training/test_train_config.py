@@ -104,3 +104,15 @@ def test_method_choices_come_from_the_registry():
     assert METHODS == registry.names()
     for name in METHODS:
         TrainConfig(method=name)
+
+
+def test_malformed_yaml_config_is_one_line_naming_file_and_line(tmp_path):
+    from loralab.training.config import config_from_yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny\nrank: [8\nlr: 1e-4\n")
+    with pytest.raises(UserError) as info:
+        config_from_yaml(path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}:")
+    assert "is not valid YAML" in message and "fix its syntax" in message
