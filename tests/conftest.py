@@ -116,3 +116,36 @@ def qbuilt(tmp_path_factory) -> Path:
     run_study(parse_study(QSTUDY), out, run_fn=quant_record, progress=lambda m: None)
     write_report(out)
     return out
+
+
+# --- shared by several test packages -------------------------------------------------------------
+
+def randomise_adapters(model, std: float = 0.05) -> None:
+    """Give every LoRA factor random values (a fresh B is zero: the adapter would be a no-op)."""
+    from loralab.lora.inject import lora_parameters
+
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, std)
+
+
+def token_ids(n: int = 2, t: int = 10) -> dict:
+    """A fixed (n, t) batch of token ids below the tiny models' vocabulary of 128."""
+    g = torch.Generator().manual_seed(3)
+    return {"input_ids": torch.randint(0, 128, (n, t), generator=g)}
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    """The bundled GPT-2 tokenizer."""
+    from loralab.models.loading import load_tokenizer
+
+    return load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """The bundled MiniLM-L6 tokenizer."""
+    from loralab.models.loading import load_tokenizer
+
+    return load_tokenizer("minilm-l6")

@@ -19,16 +19,6 @@ from loralab.models.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def gpt2():
-    return load_tokenizer("gpt2")
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    return load_tokenizer("minilm-l6")
-
-
-@pytest.fixture(scope="module")
 def smollm2():
     return load_tokenizer("smollm2-135m")
 

@@ -2,20 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
-from loralab.models.loading import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_tokenizer("gpt2")
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    return load_tokenizer("minilm-l6")
-
 
 def test_bos_only_where_the_tokenizer_adds_one(gpt2, minilm):
     """Gemma-style tokenizers (BOS by default) get BOS before each document/prompt; GPT-2 and

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_bert, tiny_llama
+from conftest import randomise_adapters, tiny_bert, tiny_llama, token_ids
 from loralab import quant
 from loralab.errors import UserError
 from loralab.lora.config import LoRAConfig
@@ -18,16 +18,6 @@ from loralab.lora.inject import apply_lora, lora_modules, lora_parameters
 
 pytest.importorskip("torchao")
 
-
-def _randomise_adapters(model: nn.Module, std: float = 0.05) -> None:
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.normal_(0, std)
-
-
-def _ids(n: int = 2, t: int = 10) -> dict:
-    g = torch.Generator().manual_seed(3)
-    return {"input_ids": torch.randint(0, 128, (n, t), generator=g)}
 
 
 # --- fake-quant numerics ------------------------------------------------------------------
@@ -72,8 +62,8 @@ def test_ste_gradients_reach_a_and_b_through_fake_quantized_activations():
     model = tiny_llama()
     quant.prepare_qat(model, "int8-dyn")
     apply_lora(model, LoRAConfig(rank=4, targets="qv"))
-    _randomise_adapters(model)
-    model(**_ids()).logits.pow(2).mean().backward()
+    randomise_adapters(model)
+    model(**token_ids()).logits.pow(2).mean().backward()
     grads = [p.grad for p in lora_parameters(model)]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
     # the first layer's adapters only get gradient through later layers' fake-quantized inputs
@@ -106,7 +96,7 @@ def test_qat_lora_train_steps_reduce_the_loss_of_a_batch():
     model = tiny_llama()
     quant.prepare_qat(model, "int8-dyn")
     apply_lora(model, LoRAConfig(rank=4, targets="all"))
-    batch = _ids(4, 12)
+    batch = token_ids(4, 12)
     ids = batch["input_ids"]
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
 
@@ -191,8 +181,8 @@ def test_qlora_gradients_match_a_float_base_holding_the_dequantized_weights(name
     for m in (model, ref):
         torch.manual_seed(1)
         apply_lora(m, LoRAConfig(rank=4, targets="qv"))
-        _randomise_adapters(m)
-        m(**_ids()).logits.pow(2).mean().backward()
+        randomise_adapters(m)
+        m(**token_ids()).logits.pow(2).mean().backward()
     for p, r in zip(lora_parameters(model), lora_parameters(ref), strict=True):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6)
 
@@ -213,7 +203,7 @@ def test_quantized_base_saves_no_float_weight_copies_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**_ids()).logits.sum()
+        model(**token_ids()).logits.sum()
     assert not float_shapes & set(saved)  # no dequantized (d_out, d_in) weight kept
 
 
@@ -245,12 +235,12 @@ def test_merge_into_quantized_reports_drift_and_keeps_tied_embeddings(name):
     float_model = tiny_llama()  # lm_head tied to the embeddings, adapted by preset "all"
     emb = float_model.get_input_embeddings().weight.detach().clone()
     model = quant.quantize_weights(copy.deepcopy(float_model), name)
-    batches = [_ids()]
+    batches = [token_ids()]
     # scale of one quantization: the float model vs its quantized copy
     ptq = quant.drift(quant.collect_logits(float_model, batches),
                       quant.collect_logits(model, batches))
     apply_lora(model, LoRAConfig(rank=4, targets="all"))
-    _randomise_adapters(model)
+    randomise_adapters(model)
     unmerged = quant.collect_logits(model, batches)  # Q(W) x + s B A x
     merged = quant.merge_into_quantized(model, name)  # Q(deq(Q(W)) + s B A) x
     assert not lora_modules(merged)
@@ -301,9 +291,9 @@ def test_dequantized_merge_is_a_float_model_computing_the_quantized_adapter_mode
     torch.manual_seed(0)
     model = quant.quantize_weights(tiny_llama(), scheme)
     apply_lora(model, LoRAConfig(rank=4, targets="all"))
-    _randomise_adapters(model)
+    randomise_adapters(model)
     with torch.no_grad():
-        ref = model(**_ids()).logits  # Q(W) x + s B A x
+        ref = model(**token_ids()).logits  # Q(W) x + s B A x
         layer = lora_modules(model)[0][1]
         by_hand = quant.dequantize(layer.base.weight) + layer.delta_weight()
         merged = quant.dequantized_merge(model)
@@ -313,7 +303,7 @@ def test_dequantized_merge_is_a_float_model_computing_the_quantized_adapter_mode
                                    by_hand, rtol=0, atol=0)
         # x (deq(Q(W)) + s B A)^T vs x deq(Q(W))^T + (x A^T) B^T s: the same function, fp32
         # rounding of differently ordered sums only (logits ~1, eps 1.2e-7, few layers)
-        torch.testing.assert_close(merged(**_ids()).logits, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(**token_ids()).logits, ref, rtol=1e-5, atol=1e-5)
 
 
 def lora_modules_name(layer: nn.Module, merged: nn.Module) -> str:

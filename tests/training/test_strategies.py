@@ -13,7 +13,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import randomise_adapters, tiny_gpt2, tiny_llama, token_ids
 from loralab import quant
 from loralab.errors import UserError
 from loralab.lora.adapter import save_adapter
@@ -28,16 +28,6 @@ from loralab.training.strategies.lora import LoRA
 def _strategy(method: str, scheme: str = "int8") -> Strategy:
     return strategy_for(TrainConfig(method=method, quant=scheme))
 
-
-def _randomise_adapters(model: nn.Module, std: float = 0.05) -> None:
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.normal_(0, std)
-
-
-def _ids(n: int = 2, t: int = 10) -> dict:
-    g = torch.Generator().manual_seed(3)
-    return {"input_ids": torch.randint(0, 128, (n, t), generator=g)}
 
 
 # --- the registry and the protocol ----------------------------------------------------------
@@ -144,14 +134,14 @@ def test_deploy_lora_ptq_measures_merged_vs_unmerged():
     torch.manual_seed(0)
     model = tiny_llama()
     apply_lora(model, LoRAConfig(rank=4, targets="qv"))
-    _randomise_adapters(model)
+    randomise_adapters(model)
     calls = []
 
     def evaluate(m):
         calls.append(m)
-        return {"validation": {"loss": float(quant.collect_logits(m, [_ids()])[0].mean())}}
+        return {"validation": {"loss": float(quant.collect_logits(m, [token_ids()])[0].mean())}}
 
-    dep = _strategy("lora-ptq", "int8").deploy(model, evaluate, [_ids()], latency_repeats=1)
+    dep = _strategy("lora-ptq", "int8").deploy(model, evaluate, [token_ids()], latency_repeats=1)
     assert lora_modules(model)  # the trained model is left as it was
     assert not lora_modules(dep.model)
     assert all(quant.is_quantized_tensor(m.weight) for _, m in quant.body_linears(dep.model))
@@ -167,14 +157,14 @@ def test_deploy_lora_ptq_measures_merged_vs_unmerged():
 def test_gpt2_conv1d_body_is_converted_and_then_trains_with_qat():
     torch.manual_seed(0)
     model = tiny_gpt2()
-    batch = _ids()
+    batch = token_ids()
     before = model(**batch).logits
     assert quant.conv1d_to_linear(model) == 8  # c_attn, c_proj, c_fc, mlp c_proj x 2 layers
     torch.testing.assert_close(model(**batch).logits, before, rtol=1e-5, atol=1e-5)
     notes = _strategy("qat-lora", "int8").prepare_base(model)
     assert any("fake-quantized" in n for n in notes)
     apply_lora(model, LoRAConfig(rank=2, targets="qv"))  # fused c_attn: q and v slices
-    _randomise_adapters(model)
+    randomise_adapters(model)
     model(**batch).logits.pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(model))
 
@@ -187,7 +177,7 @@ def _trained_like(method: str, scheme: str, tmp_path) -> tuple[nn.Module, str]:
     model = tiny_llama()
     _strategy(method, scheme).prepare_base(model)
     apply_lora(model, LoRAConfig(rank=4, targets="all"))
-    _randomise_adapters(model)
+    randomise_adapters(model)
     return model, str(save_adapter(model, tmp_path / "adapter"))
 
 
@@ -206,7 +196,7 @@ def test_rebuild_recorded_is_the_deployed_model_finish_evaluates(tmp_path, metho
         torch.testing.assert_close(quant.dequantize(layer.weight),
                                    quant.dequantize(deployed[name].weight), rtol=0, atol=0)
     with torch.no_grad():  # same weights, same kernels: identical logits
-        torch.testing.assert_close(rebuilt(**_ids()).logits, dep.model(**_ids()).logits,
+        torch.testing.assert_close(rebuilt(**token_ids()).logits, dep.model(**token_ids()).logits,
                                    rtol=0, atol=0)
 
 
@@ -217,8 +207,8 @@ def test_rebuild_recorded_qlora_puts_the_adapter_on_the_quantized_base(tmp_path)
     # every adapted projection (7 per layer x 2) sits on NF4 weights; the tied head stays float
     assert len(body) == len(lora_modules(rebuilt)) - 1 == 14 and "lm_head" not in body
     with torch.no_grad():  # Q(W) + s B A, as trained: identical logits
-        torch.testing.assert_close(rebuilt(**_ids()).logits, model.eval()(**_ids()).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(rebuilt(**token_ids()).logits,
+                                   model.eval()(**token_ids()).logits, rtol=0, atol=0)
     with pytest.raises(UserError, match="re-run"):
         strategy_named("qlora").rebuild_recorded(tiny_llama(), adapter, None)
 
@@ -228,15 +218,15 @@ def test_float_export_of_a_gpt2_qlora_model_loads_back_with_from_pretrained(tmp_
     model = tiny_gpt2()
     _strategy("qlora", "int8").prepare_base(model)  # Conv1D -> Linear, then int8 weights
     apply_lora(model, LoRAConfig(rank=2, targets="qv"))
-    _randomise_adapters(model)
+    randomise_adapters(model)
     with torch.no_grad():
-        ref = model.eval()(**_ids()).logits
+        ref = model.eval()(**token_ids()).logits
     exported, note = strategy_named("qlora").float_export(model, "int8")
     assert "dequant(Q(W)) + s B A" in note
     assert sum(isinstance(m, Conv1D) for m in exported.modules()) == 8
     exported.save_pretrained(tmp_path / "merged")
     back = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():  # fp32 rounding of the merged sums only, as above
-        torch.testing.assert_close(back(**_ids()).logits, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back(**token_ids()).logits, ref, rtol=1e-5, atol=1e-5)
     _, note = strategy_named("qat-lora").float_export(tiny_llama(), "int8-dyn")
     assert "activations" in note
