@@ -18,7 +18,7 @@ from loralab.training.config import CHOICES, config_fields, field_docs, field_ki
 EXCLUSIVE = (("epochs", "max_steps"),)
 """Fields that name the same thing two ways (the run's length): at most one may be given."""
 
-METAVARS = {"eval_data": "D1,D2", "report_to": "T1,T2"}
+METAVARS = {"eval_data": "D1,D2", "report_to": "T1,T2", "peft": "JSON"}
 
 
 def train_config_fields() -> dict[str, tuple[Any, str]]:

@@ -6,6 +6,7 @@ A directory holds `adapter_config.json` (PEFT's `LoraConfig` fields) and
     base_model.model.<module>.lora_A.weight    (r' x d_in)
     base_model.model.<module>.lora_B.weight    (d_out x r')
     base_model.model.<head>.<param>            (fully trained heads: PEFT's modules_to_save)
+    base_model.model.<module>.lora_magnitude_vector   (d_out; DoRA only, with use_dora true)
 
 PEFT has no notion of adapting only some output slices of a fused layer. A GPT-2 `c_attn` adapted
 on q and v (rank r each) is therefore written as the equivalent rank-2r update of the whole layer:
@@ -13,6 +14,12 @@ A' = [A_q; A_v] and a block-structured B' with zeros on the k rows, with `rank_p
 `alpha_pattern` chosen so PEFT's scale alpha'/r' equals ours. B' A' = the same delta W, so PEFT
 computes the same logits. The slices are also recorded in the safetensors metadata, so loralab
 reads the adapter back in its compact form. Loading uses safetensors only, never pickle.
+
+PiSSA / OLoRA layers (whose base holds the residual W - s B0 A0) are written converted, as PEFT's
+`save_pretrained(path_initial_model_for_weight_conversion=...)` writes them: the rank-2r update
+A' = [A; A0], B' = [B, -B0] of the ORIGINAL base, same scale, `init_lora_weights` true
+(`loralab.lora.init.converted_factors`). adapter_config.json keeps PEFT's fields only; the
+conversion is recorded in the safetensors metadata (`loralab_init`) and a README.md beside it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loralab.errors import UserError
+from loralab.lora.init import converted_factors, initial_kind
 from loralab.lora.inject import has_lora, head_modules, lora_modules
 from loralab.lora.layer import LoRALinear
 from loralab.lora.peft_fields import check_lora_config
@@ -37,7 +45,10 @@ from loralab.models.surgery import untie_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+README_NAME = "README.md"
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"
+"""DoRA's magnitude m (d_out,), saved as `base_model.model.<module>.lora_magnitude_vector`."""
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -90,18 +101,23 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     if not layers:
         raise UserError("model has no LoRA adapters to save; call apply_lora() first")
     first = layers[0][1]
-    rank, scale = first.rank, first.scale
+    # PiSSA / OLoRA layers are written as their rank-2r update of the original base
+    # (loralab.lora.init.converted_factors), as PEFT's conversion writes them
+    rank, scale = converted_factors(first)[2], first.scale
     alpha = scale * rank  # the config-level alpha for layers with scale alpha/r
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern, alpha_pattern, slices_meta = {}, {}, {}
     for name, layer in layers:
-        a, b = layer.lora_A.detach(), layer.lora_B.detach()
+        a, b, layer_rank = converted_factors(layer)
         full_rank = a.shape[0]
         if layer.slices != ((0, layer.out_features),):
-            b = _block_b(layer)
-            slices_meta[name] = {"rank": layer.rank, "slices": [list(s) for s in layer.slices]}
+            b = _block_b(layer, b, layer_rank)
+            slices_meta[name] = {"rank": layer_rank, "slices": [list(s) for s in layer.slices]}
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+        if layer.lora_magnitude_vector is not None:  # DoRA's m, under PEFT's key (no .weight)
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = layer.lora_magnitude_vector.detach(
+            ).contiguous()
         if full_rank != rank:
             rank_pattern[name] = full_rank
         if not math.isclose(layer.scale * full_rank, alpha, rel_tol=1e-9):
@@ -137,23 +153,27 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         "alpha_pattern": alpha_pattern,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": _uses_dora(layers),
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
     }
     frozen = [n for n, m in heads if not any(p.requires_grad for p in m.parameters())]
-    return tensors, {"config": config, "slices": slices_meta, "frozen_heads": frozen}
+    kinds = {n: k for n, layer in layers if (k := initial_kind(layer)) is not None}
+    converted = {"init": sorted(set(kinds.values())), "layers": sorted(kinds),
+                 "rank": first.rank, "saved_rank": rank} if kinds else None
+    return tensors, {"config": config, "slices": slices_meta, "frozen_heads": frozen,
+                     "init": converted}
 
 
-def _block_b(layer: LoRALinear) -> torch.Tensor:
-    """The (d_out x k r) block-structured B' whose product with the stacked A equals the
-    sliced update: rows of slice j use columns j r .. (j+1) r, all other entries are zero."""
-    b = layer.lora_B.detach()
-    full = torch.zeros(layer.out_features, layer.lora_A.shape[0], dtype=b.dtype, device=b.device)
+def _block_b(layer: LoRALinear, b: torch.Tensor, rank: int) -> torch.Tensor:
+    """The (d_out x k rank) block-structured B' whose product with the stacked A (k rank rows)
+    equals the sliced update: rows of slice j use columns j rank .. (j+1) rank, others zero."""
+    full = torch.zeros(layer.out_features, len(layer.slices) * rank, dtype=b.dtype,
+                       device=b.device)
     row = 0
     for j, (lo, hi) in enumerate(layer.slices):
-        full[lo:hi, j * layer.rank:(j + 1) * layer.rank] = b[row:row + hi - lo]
+        full[lo:hi, j * rank:(j + 1) * rank] = b[row:row + hi - lo]
         row += hi - lo
     return full
 
@@ -166,11 +186,28 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "loralab_slices": json.dumps(meta["slices"]),
                 "loralab_frozen_heads": json.dumps(meta["frozen_heads"])}
+    if meta["init"] is not None:  # PiSSA / OLoRA, converted: recorded beside PEFT's fields
+        metadata["loralab_init"] = json.dumps(meta["init"])
+        note = conversion_note(meta["init"])
+        _atomic(out / README_NAME, lambda p: Path(p).write_text(note))
     tensors = {k: v.cpu() for k, v in tensors.items()}
     _atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     text = json.dumps(meta["config"], indent=2, sort_keys=True) + "\n"
     _atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
     return out
+
+
+def conversion_note(init: dict) -> str:
+    """The README.md of a converted PiSSA / OLoRA adapter (`adapter_state`'s "init" entry)."""
+    kinds = " / ".join(init["init"])
+    return (f"# loralab adapter ({kinds} init, converted)\n\n"
+            f"Trained with {kinds} initialisation (the base kept the residual W - s B0 A0). "
+            f"Saved converted to the equivalent plain LoRA on the ORIGINAL base model: "
+            f"A' = [A; A0], B' = [B, -B0], rank {init['rank']} -> {init['saved_rank']} per "
+            f"adapted slice, same scale (PEFT's save_pretrained with "
+            f"path_initial_model_for_weight_conversion writes the same; init_lora_weights is "
+            f"therefore true). Load it on the unmodified base with PeftModel.from_pretrained or "
+            f"loralab.load_adapter. Converted layers: {len(init['layers'])}.\n")
 
 
 def _atomic(path: Path, write) -> None:
@@ -214,7 +251,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
             metadata = handle.metadata() or {}
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         extra = {"slices": json.loads(metadata.get("loralab_slices", "{}")),
-                 "frozen_heads": json.loads(metadata.get("loralab_frozen_heads", "[]"))}
+                 "frozen_heads": json.loads(metadata.get("loralab_frozen_heads", "[]")),
+                 "init": json.loads(metadata.get("loralab_init", "null"))}
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise UserError(f"{weights_path} is corrupt or not a safetensors file ({exc}); "
                         "re-save the adapter") from None
@@ -248,28 +286,33 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     rest: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         name = _strip(key)
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}.weight"
+        for part, marker in (("lora_A", ".lora_A.weight"), ("lora_B", ".lora_B.weight"),
+                             (MAGNITUDE, f".{MAGNITUDE}"), (MAGNITUDE, f".{MAGNITUDE}.weight")):
             if name.endswith(marker):
                 pairs.setdefault(name[: -len(marker)], {})[part] = tensor
                 break
         else:
-            if "lora_embedding" in name or "lora_magnitude" in name:
+            if "lora_embedding" in name:
                 raise UserError(f"{directory}: tensor {key} is of an adapter kind loralab does "
-                                "not support (embedding LoRA / DoRA); load it with PEFT")
+                                "not support (embedding LoRA); load it with PEFT")
             rest[name] = tensor
     if not pairs:
         raise UserError(f"{directory}: no lora_A/lora_B tensors found; is this a LoRA adapter?")
     modules = dict(model.named_modules())
     model.requires_grad_(False)
     rslora = bool(config.get("use_rslora"))
+    dora = bool(config.get("use_dora"))
     for name, pair in sorted(pairs.items()):
         base = modules.get(name)
         if base is None or "lora_A" not in pair or "lora_B" not in pair:
             raise UserError(f"{directory}: adapter module {name} does not fit this "
                             f"{type(model).__name__}; load the adapter into the base model "
                             f"it was trained on ({config.get('base_model_name_or_path')})")
-        a, b = pair["lora_A"], pair["lora_B"]
+        a, b, magnitude = pair["lora_A"], pair["lora_B"], pair.get(MAGNITUDE)
+        if (magnitude is not None) != dora:
+            raise UserError(f"{directory}: adapter module {name} has "
+                            f"{'no ' if dora else ''}{MAGNITUDE} (DoRA's magnitude) but "
+                            f"use_dora is {dora}; re-save the adapter")
         full_rank = a.shape[0]
         alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
         scale = alpha / math.sqrt(full_rank) if rslora else alpha / full_rank
@@ -277,13 +320,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         try:
             if info:
                 rank, spans = info["rank"], tuple(tuple(s) for s in info["slices"])
-                layer = LoRALinear(base, rank, scale, config.get("lora_dropout", 0.0), spans)
+                layer = LoRALinear(base, rank, scale, config.get("lora_dropout", 0.0), spans,
+                                   dora=dora)
                 compact = torch.cat([b[lo:hi, j * rank:(j + 1) * rank]
                                      for j, (lo, hi) in enumerate(spans)])
-                _copy(layer, a, compact)
+                _copy(layer, a, compact, magnitude)
             else:
-                layer = LoRALinear(base, full_rank, scale, config.get("lora_dropout", 0.0))
-                _copy(layer, a, b)
+                layer = LoRALinear(base, full_rank, scale, config.get("lora_dropout", 0.0),
+                                   dora=dora)
+                _copy(layer, a, b, magnitude)
         except (RuntimeError, ValueError, IndexError) as exc:
             raise UserError(f"{directory}: adapter for {name} does not fit this model ({exc}); "
                             "use the base model it was trained on") from None
@@ -293,13 +338,32 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
-def _copy(layer: LoRALinear, a: torch.Tensor, b: torch.Tensor) -> None:
+def _copy(layer: LoRALinear, a: torch.Tensor, b: torch.Tensor,
+          magnitude: torch.Tensor | None = None) -> None:
+    """Load A, B (and DoRA's magnitude m into a DoRA layer) after checking their shapes."""
     if a.shape != layer.lora_A.shape or b.shape != layer.lora_B.shape:
         raise ValueError(f"shapes A {tuple(a.shape)} B {tuple(b.shape)} vs expected "
                          f"{tuple(layer.lora_A.shape)} {tuple(layer.lora_B.shape)}")
+    m = layer.lora_magnitude_vector
+    if m is not None and (magnitude is None or magnitude.shape != m.shape):
+        raise ValueError(f"DoRA magnitude of shape "
+                         f"{None if magnitude is None else tuple(magnitude.shape)} vs expected "
+                         f"{tuple(m.shape)}")
     with torch.no_grad():
         layer.lora_A.copy_(a)
         layer.lora_B.copy_(b)
+        if m is not None and magnitude is not None:
+            m.copy_(magnitude)
+
+
+def _uses_dora(layers: list[tuple[str, LoRALinear]]) -> bool:
+    """PEFT's `use_dora` for the adapters being saved: one switch for all of them, so DoRA and
+    plain layers in one model cannot be saved in its format."""
+    kinds = {layer.dora for _, layer in layers}
+    if len(kinds) > 1:
+        raise UserError("the model mixes DoRA and plain LoRA layers, which PEFT's adapter "
+                        "format cannot store (use_dora is one switch); adapt all with dora or none")
+    return kinds == {True}
 
 
 def _load_heads(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict,

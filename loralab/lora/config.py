@@ -17,6 +17,9 @@ PRESETS = ("qv", "attn", "attn-proj", "attn-proj-ffn", "all")
 """The LoRA target presets, each adding to the one before (their module patterns per
 architecture: `loralab.lora.targets`). Kept here, torch-free, for the command line's choices."""
 
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+"""How A and B start (`LoRAConfig.init`)."""
+
 
 @dataclass(frozen=True)
 class LoRAConfig:
@@ -35,8 +38,17 @@ class LoRAConfig:
     train_head: bool = False
     """Also train the whole task head fully (PEFT's `modules_to_save`): every module the task
     adds on the backbone, e.g. DistilBERT's pre_classifier + classifier (`head_modules`)."""
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    """Init of A: Kaiming-uniform as nn.Linear (PEFT's default) or N(0, 1/r) (the paper)."""
+    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
+    """Init of A and B. kaiming / gaussian: A Kaiming-uniform as nn.Linear (PEFT's default) or
+    N(0, 1/r) (the paper), B = 0. pissa (Meng et al. 2024): A, B from the top-r singular
+    triplets of W; olora (Buyukakyuz 2024): from a QR decomposition of W. With pissa and olora
+    the base weight keeps the residual W - s B A, so the untrained adapter changes nothing."""
+    svd_niter: int = 0
+    """pissa only: 0 = exact SVD; k > 0 = a randomized SVD with k subspace iterations (Halko et
+    al. 2011; PEFT's `pissa_niter_k`), much faster on large layers."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA, Liu et al. 2024): W' = m (W + s B A) / ||W + s B A||_c with
+    a trained magnitude vector m (one per output feature)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -46,8 +58,11 @@ class LoRAConfig:
             raise UserError(f"LoRA alpha must be positive, got {self.alpha!r}; use e.g. --alpha 16")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise UserError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.init not in INITS:
+            raise UserError(f"LoRA init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not isinstance(self.svd_niter, int) or self.svd_niter < 0:
+            raise UserError(f"svd_niter must be an integer >= 0 (0 = exact SVD), got "
+                            f"{self.svd_niter!r}")
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
 

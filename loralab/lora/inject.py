@@ -12,6 +12,7 @@ from torch import nn
 
 from loralab.errors import UserError
 from loralab.lora.config import LoRAConfig
+from loralab.lora.init import initialise_model
 from loralab.lora.layer import LoRALinear
 from loralab.lora.targets import Target, in_out_features, resolve_targets
 from loralab.models.heads import task_head_modules
@@ -28,7 +29,7 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """A and B of every adapted layer, in the model's order."""
+    """A and B (and DoRA's magnitude) of every adapted layer, in the model's order."""
     return [p for _, m in lora_modules(model) for p in m.adapter_parameters()]
 
 
@@ -44,6 +45,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
     Every base parameter is frozen; only the adapters (and the head, with `train_head`) train.
     Freezing is by object: `requires_grad_(False)` on the model, then on the new parameters.
+    With `init` pissa / olora the adapted base weights become residuals W - s B0 A0
+    (`loralab.lora.init`); the outputs are unchanged until A, B train.
     """
     if has_lora(model):
         raise UserError("model already has LoRA adapters; merge_lora() or start from a fresh model")
@@ -55,11 +58,15 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         raise UserError(f"{clash[0]} is both a LoRA target and part of the fully trained head; "
                         "use preset 'attn-proj-ffn' with train_head, or 'all' without it")
     model.requires_grad_(False)
+    layers = []
     for target in targets:
         base = model.get_submodule(target.name)
         layer = LoRALinear(base, config.rank, config.scale, config.dropout, target.slices,
-                           config.init)
+                           "gaussian" if config.init == "gaussian" else "kaiming",
+                           dora=config.dora)
         set_submodule(model, target.name, layer)
+        layers.append(layer)
+    initialise_model(model, layers, config.init, config.svd_niter)  # PiSSA / OLoRA
     for _, head in heads:
         for module in head.modules():  # a tied lm_head gets its own weight before it trains
             if isinstance(getattr(module, "weight", None), nn.Parameter):

@@ -25,6 +25,13 @@ GPT-2's fused `c_attn` (Conv1D, output [q | k | v]) is handled by giving each ad
 j its own pair (A_j, B_j): A is the stack [A_1; ...; A_k] (k r x d_in) and B the stack of B_j
 (sum of slice widths x r), a block-structured update applied by the same function with x saved
 once (loralib's MergedLinear).
+
+With `dora=True` the layer is DoRA's (`loralab.lora.dora`): a trained magnitude m (one per output
+feature, over the whole output even when only some slices are adapted, as PEFT treats a fused
+c_attn as one layer) rescales each output row of W + s B A to norm m. Without dropout that is
+the plain map above, bias left out, times f = m / ||W + s B A||_c, plus the bias; with dropout
+(and under torch.compile) it is PEFT's formula written with plain differentiable ops. A layer
+without DoRA takes exactly the plain path.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralab.errors import UserError
+from loralab.lora.dora import magnitude_scale, merged_rows, unmerged_rows, weight_norm
 from loralab.lora.dropout import draw_seed, keep_float, random_bits
 from loralab.lora.targets import in_out_features, is_adaptable
 
@@ -164,12 +172,16 @@ class LoRALinear(nn.Module):
     """A frozen `nn.Linear` or GPT-2 `Conv1D` (`self.base`) plus a LoRA update.
 
     `lora_A` is (k r, d_in) and `lora_B` is (sum of slice widths, r) for k adapted output
-    slices; with one slice covering the whole output this is exactly PEFT's layout.
+    slices; with one slice covering the whole output this is exactly PEFT's layout. With
+    `dora=True`, `lora_magnitude_vector` is DoRA's magnitude m (d_out,), initialised to
+    ||W + s B A||_c (PEFT's `lora_magnitude_vector`); otherwise it is None.
     """
+
+    lora_magnitude_vector: nn.Parameter | None
 
     def __init__(self, base: nn.Module, rank: int, scale: float, dropout: float = 0.0,
                  slices: tuple[tuple[int, int], ...] | None = None,
-                 init: Literal["kaiming", "gaussian"] = "kaiming") -> None:
+                 init: Literal["kaiming", "gaussian"] = "kaiming", dora: bool = False) -> None:
         super().__init__()
         if not is_adaptable(base):
             raise UserError(f"LoRA adapts Linear and Conv1D layers, not {type(base).__name__}")
@@ -193,6 +205,12 @@ class LoRALinear(nn.Module):
                 nn.init.normal_(block, std=1.0 / rank)
             else:
                 nn.init.kaiming_uniform_(block, a=math.sqrt(5))  # nn.Linear's default, as PEFT
+        magnitude = None
+        if dora:  # m = ||W + s B A||_c, as PEFT initialises it (= ||W||_c while B = 0)
+            with torch.no_grad():
+                norm = weight_norm(self._rows(_dense(self.weight)), self.delta_weight())
+            magnitude = nn.Parameter(norm.to(dtype))
+        self.register_parameter("lora_magnitude_vector", magnitude)
 
     @property
     def in_features(self) -> int:
@@ -211,13 +229,26 @@ class LoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return cast("torch.Tensor | None", self.base.bias)
 
+    @property
+    def dora(self) -> bool:
+        """Whether the layer is DoRA's (it has a magnitude vector)."""
+        return self.lora_magnitude_vector is not None
+
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
-        """(A, B): the trainable factors (the `loralab.models.heads.CarriesAdapters` protocol)."""
+        """(A, B), plus DoRA's magnitude m: the trainable parameters (the
+        `loralab.models.heads.CarriesAdapters` protocol)."""
+        if self.lora_magnitude_vector is not None:
+            return self.lora_A, self.lora_B, self.lora_magnitude_vector
         return self.lora_A, self.lora_B
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, scale={self.scale:g}, dropout={self.dropout}, "
-                f"slices={list(self.slices)}, merged={self.merged}")
+                f"slices={list(self.slices)}, merged={self.merged}"
+                + (", dora=True" if self.dora else ""))
+
+    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """A base weight as (d_out, d_in) (a view: Conv1D stores W^T)."""
+        return weight.T if self.conv1d else weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -232,6 +263,8 @@ class LoRALinear(nn.Module):
             x = fq_x(x)
         if fq_w is not None:
             weight = fq_w(weight)
+        if self.lora_magnitude_vector is not None:
+            return self._dora(x, weight, p)
         if torch.compiler.is_compiling():
             return self._composed(x, _dense(weight), p)
         seed = draw_seed() if p > 0 else 0
@@ -253,9 +286,14 @@ class LoRALinear(nn.Module):
         else:
             out = F.linear(x, weight, bias)
         xd = F.dropout(x, p, training=True) if p > 0 else x
+        return out + self._low_rank(xd, out)
+
+    def _low_rank(self, xd: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """s (xd A_j^T) B_j^T on each adapted slice j and 0 elsewhere, shaped like `out`, by plain
+        differentiable ops."""
         u = xd @ self.lora_A.T                                      # (..., k r)
         if self.slices == ((0, out.shape[-1]),):
-            return out + self.scale * (u @ self.lora_B.T)
+            return self.scale * (u @ self.lora_B.T)
         pieces, row, at = [], 0, 0
         for j, (lo, hi) in enumerate(self.slices):
             if lo > at:
@@ -265,7 +303,41 @@ class LoRALinear(nn.Module):
             row, at = row + hi - lo, hi
         if at < out.shape[-1]:
             pieces.append(out.new_zeros(*out.shape[:-1], out.shape[-1] - at))
-        return out + self.scale * torch.cat(pieces, dim=-1)
+        return self.scale * torch.cat(pieces, dim=-1)
+
+    def _dora(self, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+        """DoRA's map (`loralab.lora.dora`), f = m / ||W + s B A||_c with the norm a constant:
+
+            p = 0:  y = f * (x W^T + s (x A^T) B^T) + b       (the plain kernel, bias left out)
+            p > 0:  y = x W^T + b + (f - 1) * (D(x) W^T) + f * s (D(x) A^T) B^T   (PEFT's form)
+
+        The p > 0 form runs the frozen matmul twice, as PEFT does. Under torch.compile both are
+        written in plain differentiable ops. Shapes as `forward`; the output is in the matmuls'
+        compute dtype."""
+        magnitude = self.lora_magnitude_vector
+        assert magnitude is not None
+        dense = _dense(weight)
+        with torch.no_grad():
+            norm = weight_norm(self._rows(dense), self.delta_weight())
+        f = magnitude_scale(magnitude, norm)                        # (d_out,), grad to m only
+        bias = self.bias
+        if p == 0 and not torch.compiler.is_compiling():
+            z = lora_matmul(x, weight, None, self.lora_A, self.lora_B, self.scale, self.slices,
+                            conv1d=self.conv1d)
+            out = z * f.to(z.dtype)
+            return out + bias.to(out.dtype) if bias is not None else out
+        w = self._rows(dense)
+        if p == 0:  # under torch.compile: the same map as the kernel path, in plain ops
+            z = F.linear(x, w)
+            z = z + self._low_rank(x, z)
+            out = z * f.to(z.dtype)
+            return out + bias.to(out.dtype) if bias is not None else out
+        xd = F.dropout(x, p, training=True)
+        base = F.linear(x, w, bias)                                 # x W^T + b
+        base_d = F.linear(xd, w)                                    # D(x) W^T
+        low = self._low_rank(xd, base_d)                            # s (D(x) A^T) B^T
+        fc = f.to(base_d.dtype)
+        return base + (fc - 1) * base_d + fc * low
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A as a (d_out, d_in) matrix (zero outside the adapted slices)."""
@@ -280,16 +352,30 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W += s B A (in place). The layer then computes base(x) only."""
+        """W += s B A (in place); with DoRA W = m (W + s B A) / ||W + s B A||_c, keeping that
+        norm for `unmerge`. The layer then computes base(x) only."""
         if not self.merged:
-            self._add_delta(+1.0)
+            if self.lora_magnitude_vector is not None:
+                rows = self._rows(self.weight)
+                merged, norm = merged_rows(rows, self.delta_weight(), self.lora_magnitude_vector)
+                rows.copy_(merged.to(rows.dtype))
+                self.register_buffer("_dora_norm", norm, persistent=False)
+            else:
+                self._add_delta(+1.0)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W -= s B A: undo `merge`."""
+        """W -= s B A (DoRA: W = W' / f - s B A with the norm kept by `merge`): undo `merge`."""
         if self.merged:
-            self._add_delta(-1.0)
+            if self.lora_magnitude_vector is not None:
+                rows = self._rows(self.weight)
+                norm = self._buffers.pop("_dora_norm")
+                assert norm is not None
+                rows.copy_(unmerged_rows(rows, self.delta_weight(), self.lora_magnitude_vector,
+                                         norm).to(rows.dtype))
+            else:
+                self._add_delta(-1.0)
             self.merged = False
 
     def _add_delta(self, sign: float) -> None:

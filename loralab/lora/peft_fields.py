@@ -2,10 +2,11 @@
 cannot reproduce is refused with one line instead of loading as a plain LoRA.
 
 loralab computes every adapted layer as  y = W x + s B A x  with s = alpha / r (or alpha / sqrt(r)
-with rsLoRA), places adapters where the saved tensors name them and loads saved heads. Any PEFT
-option outside that formula (aLoRA's token-dependent activation, DoRA's magnitude rescaling, a
-bias on B, ...) would be silently dropped by a loader that only reads A and B: an aLoRA adapter
-then changes positions PEFT leaves untouched, by up to 0.76 in the logits (issue 19).
+with rsLoRA), or DoRA's rescaling of it (`use_dora`, `loralab.lora.dora`), places adapters where
+the saved tensors name them and loads saved heads. Any PEFT option outside that formula (aLoRA's
+token-dependent activation, a bias on B, ...) would be silently dropped by a loader that only
+reads A and B: an aLoRA adapter then changes positions PEFT leaves untouched, by up to 0.76 in
+the logits (issue 19).
 
 Every field of `dataclasses.fields(peft.LoraConfig)` (peft 0.21.2) is classified in `FIELDS`:
 
@@ -128,8 +129,10 @@ FIELDS: Mapping[str, FieldRule] = MappingProxyType({
     "megatron_config": _metadata("how PEFT builds Megatron tensor-parallel layers; same B A x"),
     "megatron_core": _metadata("the Megatron module PEFT imports for those layers"),
     "runtime_config": _metadata("runtime-only options (GPU offload); PEFT does not save it"),
-    # LoRA variants and extensions loralab does not implement (DoRA: a later issue)
-    "use_dora": _unsupported("DoRA: each output row rescaled by a learned magnitude"),
+    "use_dora": _implemented("DoRA: each output row of W + s B A rescaled to a learned "
+                             "magnitude (lora_magnitude_vector; loralab.lora.dora)",
+                             lambda v: isinstance(v, bool)),
+    # LoRA variants and extensions loralab does not implement
     "alora_invocation_tokens": _unsupported("Activated LoRA: the adapter acts only from the "
                                             "invocation tokens on"),
     "use_qalora": _unsupported("QALoRA: A sees the input average-pooled in groups"),

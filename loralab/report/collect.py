@@ -22,7 +22,7 @@ from typing import Any
 
 from loralab.errors import UserError
 from loralab.results.database import ResultsDB, find_db
-from loralab.training.strategies.registry import StrategySpec, get_spec, names
+from loralab.training.strategies.registry import PEFT, StrategySpec, get_spec, names
 
 # Metric-name tokens meaning "lower is better" (everything else: higher is better).
 _LOWER_TOKENS = {"loss", "perplexity", "ppl", "nll", "ter", "wer", "cer", "bpc", "bpb", "error",
@@ -62,6 +62,36 @@ def dig(obj: Any, *path: str) -> float | None:
 def method_spec(method: str | None) -> StrategySpec | None:
     """The registry's spec of `method`, None for a missing or unknown one (an old record)."""
     return get_spec(method) if method in names() else None
+
+
+PEFT_TYPE_NAMES = {"LORA": "LoRA", "IA3": "IA3", "VERA": "VeRA", "LOHA": "LoHa", "LOKR": "LoKr",
+                   "ADALORA": "AdaLoRA", "BOFT": "BOFT", "OFT": "OFT", "FOURIERFT": "FourierFT",
+                   "HRA": "HRA", "VBLORA": "VBLoRA", "LN_TUNING": "LN-tuning"}
+"""How the report spells PEFT's type names (PEFT's own spelling); others as the study wrote."""
+
+
+def implementation(method: str | None, peft: dict[str, Any] | None = None) -> str:
+    """Whose implementation a run trained, as the report marks it: "loralab" for loralab's own
+    methods, "PEFT <type>" for a PEFT method (registry `library`), the type from its `peft`
+    mapping (default LoRA): "PEFT LoRA", "PEFT IA3"; "–" for a method that trains nothing or an
+    unknown one (an old record)."""
+    spec = method_spec(method)
+    if spec is None or not spec.trains:
+        return "–"
+    if spec.library != PEFT:
+        return spec.library
+    raw = str((peft or {}).get("type") or "LoRA")
+    key = raw.upper().replace("-", "_")
+    key = key[:-6] if key.endswith("CONFIG") else key
+    return f"PEFT {PEFT_TYPE_NAMES.get(key, raw)}"
+
+
+def run_implementation(row: dict[str, Any]) -> str:
+    """`implementation` of one database row, from its study config (else its train config)."""
+    config = row.get("config") or {}
+    study, train = config.get("study") or {}, config.get("train") or {}
+    return implementation(study.get("method") or train.get("method"),
+                          study.get("peft") or train.get("peft"))
 
 
 @dataclass
@@ -104,6 +134,13 @@ class StrategyResult:
         """True for a method that quantizes the base and records a "quant" section."""
         spec = method_spec(self.method)
         return spec is not None and spec.quantized
+
+    @property
+    def implementation(self) -> str:
+        """Whose implementation the runs trained (`implementation`): "loralab", "PEFT LoRA",
+        ...; several, comma-joined, if the seeds disagree."""
+        found = list(dict.fromkeys(run_implementation(r) for r in self.runs))
+        return ", ".join(found) if found else implementation(self.method)
 
 
 @dataclass

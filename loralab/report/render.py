@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from loralab.report.collect import StudyData, as_number, environment
+from loralab.report.collect import StudyData, as_number, environment, run_implementation
 from loralab.report.tables import (
     NOT_TRAINED,
     Table,
@@ -231,6 +231,7 @@ def _csv_row(r: dict[str, Any], header: list[str]) -> dict[str, Any]:
            # what the run computed in (auto resolved); runs from before auto: their config's
            "precision": (r.get("env") or {}).get("precision")
            or ((r.get("config") or {}).get("train") or {}).get("precision") or "",
+           "implementation": run_implementation(r),
            "run_dir": r.get("run_dir") or "", "error": r.get("error") or ""}
     for e, ms in (r.get("metrics") or {}).items():
         for m, v in (ms or {}).items() if isinstance(ms, dict) else ():
@@ -246,7 +247,8 @@ def _csv_row(r: dict[str, Any], header: list[str]) -> dict[str, Any]:
 
 
 def csv_rows(data: StudyData) -> tuple[list[str], list[dict[str, Any]]]:
-    """(header, one dict per run) of results.csv: every run, finished or not, with every
+    """(header, one dict per run) of results.csv: every run, finished or not, whose
+    implementation ("loralab", "PEFT LoRA", ...: `collect.run_implementation`), every
     metric (`<eval set>/<metric>`), cost (`cost/<key>`) and quantization number
     (`quant/<key path>`) it recorded."""
     metric_cols = _first_seen([
@@ -254,8 +256,8 @@ def csv_rows(data: StudyData) -> tuple[list[str], list[dict[str, Any]]]:
          for m in (ms if isinstance(ms, dict) else {})] for r in data.rows])
     cost_keys = _first_seen([list(r.get("costs") or {}) for r in data.rows])
     quant_keys = _first_seen([list(flatten(r.get("quant"))) for r in data.rows])
-    header = (["study", "strategy", "method", "seed", "status", "run_id", "precision"]
-              + metric_cols
+    header = (["study", "strategy", "method", "seed", "status", "run_id", "precision",
+               "implementation"] + metric_cols
               + [f"cost/{k}" for k in cost_keys] + [f"quant/{k}" for k in quant_keys]
               + ["run_dir", "adapter", "model", "error"])
     return header, [_csv_row(r, header) for r in data.rows]

@@ -21,6 +21,7 @@ from loralab.report.collect import (
     lower_is_better,
     primary_metric,
 )
+from loralab.training.strategies.registry import LORALAB
 
 NOT_TRAINED = "—"
 """The cell of a training cost for a method that trains nothing (the untuned model)."""
@@ -141,8 +142,15 @@ def run_time_note(data: StudyData) -> str:
             f"runs: {split}. ")
 
 
-def _cost_cells(s: StrategyResult) -> list[str]:
-    cells = [s.name, s.method or "–"]
+def marks_implementation(data: StudyData) -> bool:
+    """Whether the cost table gets an "implementation" column: when a row trained another
+    library's implementation (PEFT), so loralab's and PEFT's rows are told apart; a study of
+    loralab's methods only keeps the table it always had."""
+    return any(s.implementation not in (LORALAB, "–") for s in data.strategies)
+
+
+def _cost_cells(s: StrategyResult, marked: bool = False) -> list[str]:
+    cells = [s.name, s.method or "–"] + ([s.implementation] if marked else [])
     for key, _, scale, kind in COST_COLUMNS:
         if not s.trains and key in TRAINING_COSTS:
             cells.append(NOT_TRAINED)
@@ -153,21 +161,29 @@ def _cost_cells(s: StrategyResult) -> list[str]:
 
 
 def cost_table(data: StudyData) -> Table:
-    """Rows = strategies (+ published parameter counts), columns = COST_COLUMNS."""
-    header = ["strategy", "method"] + [title for _, title, _, _ in COST_COLUMNS]
-    rows = [_cost_cells(s) for s in data.strategies]
+    """Rows = strategies (+ published parameter counts), columns = COST_COLUMNS; after the
+    method, the implementation each row trained when the study mixes loralab's and PEFT's
+    (`marks_implementation`)."""
+    marked = marks_implementation(data)
+    header = (["strategy", "method"] + ["implementation"] * marked
+              + [title for _, title, _, _ in COST_COLUMNS])
+    rows = [_cost_cells(s, marked) for s in data.strategies]
     italic = set()
     for r in (data.published or {}).get("rows", []):
         if r.get("params") is not None:
             italic.add(len(rows))
-            rows.append([f"{r['name']} (published)", "–", fmt_value(float(r["params"]), "int")]
+            rows.append([f"{r['name']} (published)", "–"] + ["–"] * marked
+                        + [fmt_value(float(r["params"]), "int")]
                         + ["–"] * (len(COST_COLUMNS) - 1))
     return Table("Cost per strategy", header, rows, set(), italic,
                  run_time_note(data) + "Peak memory is the growth of the process's resident "
                  "memory during training (see the run records for tensor-level peaks); "
                  "adapter/model MB is the size on disk of "
                  f"what the run saved. {NOT_TRAINED} = not trained (the untuned model): no "
-                 "training cost to measure.")
+                 "training cost to measure." + (
+                     " Implementation: loralab = loralab's own layers; PEFT <type> = Hugging "
+                     "Face PEFT's own implementation, trained by the same loop, budget and data "
+                     "order (method peft)." if marked else ""))
 
 
 # ----------------------------------------------------------------------------- quantization

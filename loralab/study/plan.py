@@ -85,10 +85,13 @@ def run_config(study: Study, strategy: Strategy, seed: int, run_dir: Path) -> di
     if study.num_labels is not None:
         config["num_labels"] = study.num_labels
     config.update(budget)
-    for key in ("preset", "rank", "alpha", "dropout", "rslora", "head_epochs"):
+    for key in ("preset", "rank", "alpha", "dropout", "rslora", "dora", "init", "lr_ratio",
+                "head_epochs"):
         value = getattr(strategy, key)
         if value is not None:
             config[key] = value
+    if strategy.peft is not None:  # only then in the config (and its hash)
+        config["peft"] = strategy.peft
     if strategy.targets is not None:  # comma-joined, as config hashes have always held them
         config["preset"] = ",".join(strategy.targets)
     config.update(study.train_options)
@@ -203,12 +206,18 @@ def plan(study: Study, out_dir: Path, db: ResultsDB) -> Iterator[tuple[RunSpec, 
         if row and row["status"] == "finished" and row.get("config_hash") == spec.config_hash:
             yield spec, "skip"
             continue
-        same = _stored_hash(spec.run_dir) == spec.config_hash
-        record = stored_record(spec.run_dir) if same else None
-        finished = record is not None and record.get("status") == "finished"
-        if record is not None and finished and record_complete(record, spec.config):
-            yield spec, "ingest"
-        elif same and not finished and _has_checkpoints(spec.run_dir):
-            yield spec, "resume"
-        else:
-            yield spec, "train"
+        yield spec, disk_action(spec)
+
+
+def disk_action(spec: RunSpec) -> str:
+    """What the run directory says to do with a run the database does not hold as finished:
+    'ingest', 'resume' or 'train' (`plan`). A process that may train the run decides again
+    under its lease (`loralab.study.leases`), since another process may have moved on."""
+    same = _stored_hash(spec.run_dir) == spec.config_hash
+    record = stored_record(spec.run_dir) if same else None
+    finished = record is not None and record.get("status") == "finished"
+    if record is not None and finished and record_complete(record, spec.config):
+        return "ingest"
+    if same and not finished and _has_checkpoints(spec.run_dir):
+        return "resume"
+    return "train"

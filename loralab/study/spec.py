@@ -37,8 +37,9 @@ from loralab.errors import ConfigError, UserError
 from loralab.lora.targets import PRESETS
 from loralab.study.lines import load_yaml, location, plain
 from loralab.study.overrides import apply_overrides
-from loralab.training.config import CHOICES, TASKS, field_kinds, parse_report_to
+from loralab.training.config import CHOICES, TASKS, field_kinds, parse_report_to, peft_methods
 from loralab.training.strategies import registry
+from loralab.training.strategies.peft import check_mapping
 
 STUDY_FIELDS = ("name", "description", "model", "task", "data", "eval", "budget", "seeds",
                 "strategies", "published", "train_options", "num_labels", "report_to")
@@ -51,10 +52,11 @@ BUDGET_FIELDS = ("epochs", "max_steps", "batch_size", "grad_accum", "seq_len", "
                  "grad_clip", "precision", "eval_every", "eval_batches", "eval_max_examples")
 """The TrainConfig fields a study's shared budget may set (anything else: `train_options`)."""
 _POSITIVE_BUDGET = ("epochs", "max_steps", "batch_size", "grad_accum", "seq_len", "lr")
-LORA_FIELDS = ("preset", "targets", "rank", "alpha", "dropout", "rslora")
+LORA_FIELDS = ("preset", "targets", "rank", "alpha", "dropout", "rslora", "dora", "init",
+               "lr_ratio")
 """Strategy fields that apply to LoRA methods only (registry `uses_lora`)."""
 STRATEGY_FIELDS = ("name", "method", *LORA_FIELDS, "lr", "head_epochs", "epochs", "max_steps",
-                   "options")
+                   "peft", "options")
 PUBLISHED_FIELDS = ("source", "note", "rows")
 PUBLISHED_ROW_FIELDS = ("name", "params", "metrics")
 
@@ -93,9 +95,14 @@ class Strategy:
     dropout: float | None = None
     lr: float | None = None
     rslora: bool | None = None
+    dora: bool | None = None
+    init: str | None = None
+    lr_ratio: float | None = None
     head_epochs: float | None = None
     epochs: float | None = None
     max_steps: int | None = None
+    peft: dict[str, Any] | None = None
+    """Method peft: PEFT's config mapping (TrainConfig `peft`; `type:` picks the PEFT type)."""
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -391,6 +398,7 @@ def _parse_strategy(ck: _Checker, item: Any) -> Strategy:
             if item.get(key) is not None:
                 ck.fail(item, key, f"{what}: '{key}' only applies to LoRA methods, not "
                         f"'{method}'; remove it")
+    peft = _parse_peft(ck, item, what, method)
     rank = ck.number(item, "rank", what, kind=int, minimum=1)
     alpha = ck.number(item, "alpha", what, minimum=0, exclusive=True)
     dropout = ck.number(item, "dropout", what, minimum=0)
@@ -400,10 +408,32 @@ def _parse_strategy(ck: _Checker, item: Any) -> Strategy:
                     targets=targets, rank=rank, alpha=alpha, dropout=dropout,
                     lr=ck.number(item, "lr", what, minimum=0, exclusive=True),
                     rslora=None if item.get("rslora") is None else bool(item["rslora"]),
+                    dora=None if item.get("dora") is None else bool(item["dora"]),
+                    init=None if item.get("init") is None else str(item["init"]),
+                    lr_ratio=ck.number(item, "lr_ratio", what, minimum=0, exclusive=True),
                     head_epochs=ck.number(item, "head_epochs", what, minimum=0, exclusive=True),
                     epochs=ck.number(item, "epochs", what, minimum=0, exclusive=True),
                     max_steps=ck.number(item, "max_steps", what, kind=int, minimum=1),
-                    options=plain(item.get("options") or {}))
+                    peft=peft, options=plain(item.get("options") or {}))
+
+
+def _parse_peft(ck: _Checker, item: dict, what: str, method: str) -> dict[str, Any] | None:
+    """A strategy's `peft:` mapping: only for a PEFT method (registry `library`), a mapping
+    whose type and keys PEFT's config class knows (`strategies.peft.check_mapping`)."""
+    if item.get("peft") is None:
+        return None
+    if method not in peft_methods():
+        ck.fail(item, "peft", f"{what}: 'peft' only applies to method "
+                f"{' or '.join(peft_methods())}, not '{method}'; remove it")
+    if not isinstance(item["peft"], dict):
+        ck.fail(item, "peft", f"{what}: 'peft' must be a mapping of PEFT config keys, e.g. "
+                "{r: 8, lora_alpha: 16} or {type: IA3}")
+    mapping = plain(item["peft"])
+    try:
+        check_mapping(mapping)
+    except UserError as exc:
+        ck.fail(item, "peft", f"{what}: {exc}")
+    return mapping
 
 
 def _parse_strategies(ck: _Checker, raw: dict) -> tuple[Strategy, ...]:

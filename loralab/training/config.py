@@ -19,7 +19,7 @@ import inspect
 import os
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ import yaml
 
 from loralab.data import MIN_SEQ_LEN
 from loralab.errors import ConfigError, UserError
-from loralab.lora.config import PRESETS
+from loralab.lora.config import INITS, PRESETS
 from loralab.training.strategies import registry
 
 METHODS = registry.names()
@@ -51,7 +51,7 @@ TRACKING_FIELDS = ("report_to", "tracking_group", "tracking_dir")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "task": TASKS, "schedule": SCHEDULES, "precision": PRECISIONS,
-    "parallel": PARALLEL, "compile": COMPILE_SETTINGS}
+    "parallel": PARALLEL, "compile": COMPILE_SETTINGS, "init": INITS}
 """The fields whose value is one of a fixed set (the CLI offers them as `choices`)."""
 
 
@@ -67,7 +67,32 @@ def lora_methods() -> tuple[str, ...]:
     return tuple(name for name in registry.names() if registry.get_spec(name).uses_lora)
 
 
+def peft_methods() -> tuple[str, ...]:
+    """The methods that train PEFT's own implementation (registry `library` "PEFT"): they take
+    the `peft` mapping."""
+    return tuple(name for name in registry.names()
+                 if registry.get_spec(name).library == registry.PEFT)
+
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_mapping(key: str, value: Any) -> dict[str, Any]:
+    """A mapping field's value (`peft`): a dict as it is (keys as strings), or its JSON / YAML
+    flow text (`'{"r": 8, "target_modules": ["q_proj"]}'`, `'{r: 8}'`) parsed. Raises
+    ConfigError(key, ...) when it is not a mapping."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError:
+            raise ConfigError(key, f"config key {key!r}: cannot read {value!r} as a mapping; "
+                              f"give JSON, e.g. --{key} '{{\"r\": 8}}'") from None
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"config key {key!r} must be a mapping of keys to values, got "
+                          f"{value!r}; give JSON, e.g. --{key} '{{\"r\": 8}}'")
+    return {str(k): v for k, v in value.items()}
 
 
 def parse_report_to(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
@@ -126,6 +151,24 @@ class TrainConfig:
     """Dropout on the LoRA branch input."""
     rslora: bool = False
     """Scale by alpha / sqrt(r) instead (rank-stabilised LoRA)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA, Liu et al. 2024): a trained magnitude per output feature
+    times the direction (W + s B A) / ||W + s B A||; saved as PEFT's use_dora."""
+    init: str = "kaiming"
+    """How the adapters start: kaiming or gaussian (B = 0), pissa (principal singular vectors
+    of W, Meng et al. 2024) or olora (QR of W, Buyukakyuz 2024); with pissa and olora the base
+    keeps the residual and the saved adapter is converted to one on the original base."""
+    svd_niter: int = 0
+    """init pissa: 0 = exact SVD, k > 0 = randomized SVD with k subspace iterations (faster on
+    large layers)."""
+    lr_ratio: float = 1.0
+    """LoRA+ (Hayou et al. 2024): B's learning rate is lr_ratio x A's (the paper suggests 16);
+    1 = plain LoRA."""
+    peft: dict[str, Any] | None = field(default=None, hash=False)
+    """method peft: PEFT's config as a mapping (JSON or YAML on the command line, e.g.
+    '{"r": 8}'), passed to peft.LoraConfig, or to another PEFT config type named by a `type`
+    key (IA3, VeRA, LoHa, LoKr, ...); r, lora_alpha, lora_dropout and target_modules default to
+    rank, alpha, dropout and preset (see loralab.training.strategies.peft)."""
     quant: str = "int8"
     """qat-lora / qlora / lora-ptq: quantization scheme (int8, int8-dyn, int4, int4-weight, nf4,
     int4-cuda); see loralab.quant.SCHEMES."""
@@ -209,6 +252,8 @@ class TrainConfig:
             object.__setattr__(self, "eval_data", tuple(value))
         object.__setattr__(self, "report_to", parse_report_to(self.report_to))
         object.__setattr__(self, "preset", parse_targets(self.preset))
+        if self.peft is not None:
+            object.__setattr__(self, "peft", parse_mapping("peft", self.peft))
         for key, ok, message in self._checks():
             if not ok:
                 raise ConfigError(key, message)
@@ -242,12 +287,36 @@ class TrainConfig:
             ("alpha", self.alpha > 0, f"LoRA alpha must be > 0, got {self.alpha}"),
             ("dropout", 0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got "
              f"{self.dropout}"),
+            ("lr_ratio", self.lr_ratio > 0, f"lr_ratio must be > 0, got {self.lr_ratio}"),
+            ("svd_niter", self.svd_niter >= 0, f"svd_niter must be >= 0, got {self.svd_niter}"),
+            ("lr_ratio", self.lr_ratio == 1.0 or self.method in lora_methods(),
+             f"lr_ratio (LoRA+) sets the rate of LoRA's B matrices and applies to LoRA methods "
+             f"({', '.join(lora_methods())}), not {self.method!r}; remove it or use lr_ratio 1"),
+            ("peft", self.peft is None or self.method in peft_methods(),
+             f"peft (a PEFT config mapping) applies to method "
+             f"{' or '.join(peft_methods()) or 'peft'}, not {self.method!r}; remove it or use "
+             f"--method {' or '.join(peft_methods()) or 'peft'}"),
+            *self._variant_checks(),
             ("head_epochs", self.head_epochs > 0, f"head_epochs must be > 0, got "
              f"{self.head_epochs}"),
             ("preset", bool(self.preset) or self.method not in lora_methods(),
              f"no LoRA targets given; use a preset ({', '.join(PRESETS)}) or module names"),
             ("eval_max_examples", self.eval_max_examples >= 0,
              f"eval_max_examples must be >= 0 (0 = all), got {self.eval_max_examples}"),
+        ]
+
+    def _variant_checks(self) -> list[tuple[str, bool, str]]:
+        """DoRA and PiSSA/OLoRA initialisation change the float layer: they apply to the float
+        LoRA methods only (registry: uses_lora and not quantized)."""
+        spec = registry.get_spec(self.method) if self.method in registry.names() else None
+        float_lora = spec is not None and spec.uses_lora and not spec.quantized
+        return [
+            ("dora", not self.dora or float_lora,
+             f"dora applies to the float LoRA methods, not {self.method!r}; use method "
+             f"{' or '.join(m for m in lora_methods() if not registry.get_spec(m).quantized)}"),
+            ("init", self.init in ("kaiming", "gaussian") or float_lora,
+             f"init {self.init!r} applies to the float LoRA methods, not {self.method!r}; "
+             "use init kaiming"),
         ]
 
     def to_dict(self) -> dict[str, Any]:
@@ -284,8 +353,8 @@ def field_docs(cls: type = TrainConfig) -> dict[str, str]:
 
 @cache
 def field_kinds() -> dict[str, tuple[type, bool]]:
-    """Each field's value type (bool, int, float, str or tuple; `str | tuple` fields: tuple)
-    and whether it may be None, from the annotations."""
+    """Each field's value type (bool, int, float, str, tuple or dict; `str | tuple` fields:
+    tuple) and whether it may be None, from the annotations."""
     hints = typing.get_type_hints(TrainConfig)
     kinds: dict[str, tuple[type, bool]] = {}
     for name, hint in hints.items():
@@ -297,7 +366,8 @@ def field_kinds() -> dict[str, tuple[type, bool]]:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """Convert a YAML/CLI value to the field's type (int, float, bool, tuple, optional).
+    """Convert a YAML/CLI value to the field's type (int, float, bool, tuple, dict: a mapping
+    or its JSON text, optional).
     Raises ConfigError naming the field when the value cannot be one."""
     if value is None:
         return None
@@ -315,6 +385,8 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if kind is float:
             return float(value)
+        if kind is dict:
+            return parse_mapping(name, value)
         if kind is tuple:
             if name == "preset":
                 return parse_targets(value if isinstance(value, str) else list(value))

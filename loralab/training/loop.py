@@ -59,7 +59,7 @@ from loralab.training.config import TrainConfig
 from loralab.training.distributed import Distribution, distribution_for
 from loralab.training.evaluate import Evaluator, bounded_splits, final_eval_plan
 from loralab.training.logger import Logger, hparams
-from loralab.training.optim import decay_groups, lr_factor, make_optimizer
+from loralab.training.optim import lr_factor, make_optimizer, param_groups
 from loralab.training.precision import precision_note, resolve_precision
 from loralab.training.record import ExtraResults, Record, RecordWriter, read_record
 from loralab.training.state import LoopState, MemoryWatch, run_costs, throughput
@@ -156,14 +156,17 @@ def _optimizer(model: nn.Module, strategy: Strategy, config: TrainConfig, schedu
                device: torch.device) -> tuple[Any, Any]:
     """(AdamW, its LambdaLR schedule), or (None, None) when nothing trains. Every parameter
     that may ever train is in the optimizer; AdamW skips those whose grad is None, so phases
-    share one optimizer and schedule."""
+    share one optimizer and schedule. With LoRA+ (`lr_ratio`) B's groups start at lr_ratio x
+    lr (`optim.param_groups`); the schedule's factor scales every group's own initial lr."""
     if not strategy.spec.trains:
         return None, None
     phase = strategy.phase_at(0, schedule.head_start)
     strategy.set_phase(model, phase)
     for p in strategy.trainable_parameters(model):
         p.requires_grad_(True)
-    optimizer = make_optimizer(decay_groups(model, config.weight_decay), config.lr, device)
+    groups = param_groups(model, config.weight_decay, config.lr, config.lr_ratio,
+                          strategy.lora_factors(model))
+    optimizer = make_optimizer(groups, config.lr, device)
     strategy.set_phase(model, phase)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, schedule.total, schedule.warmup, config.schedule))
@@ -263,6 +266,7 @@ def train(config: TrainConfig, *, resume: bool = False, loaded: Any = None,
                          notes + ([precision_why] if precision_why else []))
     notes, writer = record.notes, RecordWriter(out / "record.json", dist.main)
     writer.write(record)
+    dist.check_shared(out / "record.json")  # every node reads the checkpoints
 
     schedule = _schedule(config, strategy, splits.get("train"))
     notes += [n for n in [strategy.phase_note(schedule.head_start, schedule.total)] if n]

@@ -270,7 +270,6 @@ def test_unsupported_variants_are_refused(field):
 
 
 @pytest.mark.parametrize("name,kwargs", [
-    ("use_dora", {"use_dora": True}),  # DoRA support comes with a later issue
     ("lora_bias", {"lora_bias": True}),
     ("target_parameters", {"target_modules": [], "target_parameters": ["q_proj.weight"]}),
     ("layer_replication", {"layer_replication": [[0, 2], [1, 2]]}),

@@ -108,3 +108,40 @@ def test_deploy_table_puts_float_ptq_qat_side_by_side(qbuilt):
     assert (0, 3) in table.bold and (0, 6) in table.bold and (1, 5) in table.bold
     assert (2, 3) not in table.bold and (0, 5) not in table.bold
     assert body[0][3] == "**0.55**"
+
+
+def _row(strategy: str, method: str, peft: dict | None = None) -> dict:
+    study = {"method": method} | ({"peft": peft} if peft is not None else {})
+    return {"study": "s", "strategy": strategy, "seed": 0, "status": "finished",
+            "run_id": f"s/{strategy}/seed0", "config": {"study": study, "train": None},
+            "metrics": {"val": {"loss": 1.0}}, "costs": {"trainable_params": 10}}
+
+
+def test_each_row_is_marked_with_its_implementation():
+    """loralab's methods say "loralab", method peft "PEFT <type>" (default LoRA; PEFT's own
+    spelling of the type), the untuned row "–"; the cost table gets the column only when a
+    study has a PEFT row, so other studies keep their table; the CSV always has it."""
+    from loralab.report import render
+
+    assert collect.implementation("lora") == "loralab"
+    assert collect.implementation("qlora") == "loralab"
+    assert collect.implementation("none") == "–" and collect.implementation("gone") == "–"
+    assert collect.implementation("peft") == "PEFT LoRA"
+    assert collect.implementation("peft", {"type": "ia3"}) == "PEFT IA3"
+    assert collect.implementation("peft", {"type": "VeraConfig"}) == "PEFT VeRA"
+    rows = [_row("untuned", "none"), _row("ours", "lora"), _row("theirs", "peft"),
+            _row("ia3", "peft", {"type": "IA3"})]
+    data = collect.collect(rows, "s")
+    cost = tables.cost_table(data)
+    assert cost.header[:3] == ["strategy", "method", "implementation"]
+    assert [r[2] for r in cost.rows] == ["–", "loralab", "PEFT LoRA", "PEFT IA3"]
+    assert "PEFT <type>" in cost.note
+    lines = render.text_table(cost).splitlines()
+    assert next(line for line in lines if line.startswith("ours")).split()[:3] == [
+        "ours", "lora", "loralab"]
+    assert "PEFT IA3" in next(line for line in lines if line.startswith("ia3"))
+    header, out = render.csv_rows(data)
+    assert header[7] == "implementation"
+    assert [r["implementation"] for r in out] == ["–", "loralab", "PEFT LoRA", "PEFT IA3"]
+    plain = tables.cost_table(collect.collect(rows[:2], "s"))
+    assert "implementation" not in plain.header and "PEFT" not in plain.note

@@ -39,7 +39,7 @@ from loralab.kernels.attention import use_dropout_attention
 from loralab.kernels.lean_mlp import lean_mlps
 from loralab.lora.adapter import load_adapter
 from loralab.lora.dropout import seeded_dropouts
-from loralab.lora.inject import has_lora, lora_parameters, merge_lora
+from loralab.lora.inject import has_lora, lora_modules, lora_parameters, merge_lora
 from loralab.models.heads import describe_head, head_parameters, task_head_modules
 from loralab.training.config import TrainConfig
 from loralab.training.strategies.registry import StrategySpec, get_spec
@@ -123,6 +123,13 @@ class Strategy:
         """Every parameter that may ever train, all in the one optimizer (AdamW skips those
         whose grad is None, so phases share one optimizer and schedule)."""
         return [p for p in model.parameters() if p.requires_grad]
+
+    def lora_factors(self, model: nn.Module
+                     ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(every LoRA A, every LoRA B) of the model, by object: LoRA+ gives B its own rate
+        (`optim.param_groups`). Default: loralab's LoRA layers (none for non-LoRA methods)."""
+        layers = [m for _, m in lora_modules(model)]
+        return [m.lora_A for m in layers], [m.lora_B for m in layers]
 
     def head_start(self, total_steps: int, steps_per_epoch: int) -> int:
         """The first step of the head-only phase; `total_steps` when there is none."""

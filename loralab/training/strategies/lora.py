@@ -2,8 +2,10 @@
 `classify`).
 
 Each adapted layer computes W x + s B A x with W frozen, A (r x d_in) and B (d_out x r)
-trained and s = alpha / r (alpha / sqrt(r) with rsLoRA); B starts at 0, so training starts from
-the pretrained function. Training FLOPs per token: 4 N (the forward, and the gradient wrt
+trained and s = alpha / r (alpha / sqrt(r) with rsLoRA); B starts at 0 (or, with init pissa /
+olora, A and B start from W's principal subspace and W keeps the residual), so training starts
+from the pretrained function. DoRA (`dora`) rescales each output row of W + s B A to a trained
+magnitude (loralab.lora.dora). Training FLOPs per token: 4 N (the forward, and the gradient wrt
 activations through the frozen body; no weight gradients for W) + 6 A (the adapters' own
 forward and both backward matmuls; A = adapter parameters). The artefact is the adapter in
 PEFT's format; a saved run's model is rebuilt as W + s B A (unmerged)."""
@@ -11,7 +13,7 @@ PEFT's format; a saved run's model is rebuilt as W + s B A (unmerged)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,12 +26,14 @@ from loralab.training.strategies.base import Strategy
 
 
 def lora_config(config: TrainConfig) -> LoRAConfig:
-    """The run's adapters: rank, alpha, dropout, targets, rsLoRA; the task head trains with
-    them for `classify` (a classifier's head is freshly initialised). The targets arrive as the
-    config parsed them (`config.parse_targets`: a preset name or a tuple of module names)."""
+    """The run's adapters: rank, alpha, dropout, targets, rsLoRA, DoRA and init; the task head
+    trains with them for `classify` (a classifier's head is freshly initialised). The targets
+    arrive as the config parsed them (`config.parse_targets`: a preset name or a tuple of
+    module names)."""
     return LoRAConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout,
                       targets=config.preset, rslora=config.rslora,
-                      train_head=config.task == "classify")
+                      train_head=config.task == "classify", dora=config.dora,
+                      init=cast(Any, config.init), svd_niter=config.svd_niter)
 
 
 class LoRA(Strategy):

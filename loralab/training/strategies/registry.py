@@ -25,6 +25,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from loralab.training.strategies.base import Strategy
 
 
+LORALAB, PEFT = "loralab", "PEFT"
+"""The implementations a strategy may train (`StrategySpec.library`)."""
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     """What the rest of loralab may know about a method without running it.
@@ -37,6 +41,8 @@ class StrategySpec:
     quantized    quantizes the base (`quant` scheme) and records a "quant" section
     trains_head  the task head is trained on its own for all (head) or part (lora-head) of it
     shardable    may run under FSDP (parameters, gradients and optimizer state sharded)
+    library      whose implementation trains: LORALAB (this package's layers) or PEFT (Hugging
+                 Face PEFT's own, configured by the run's `peft` mapping); the report marks it
     """
 
     name: str
@@ -47,6 +53,7 @@ class StrategySpec:
     quantized: bool = False
     trains_head: bool = False
     shardable: bool = False
+    library: str = LORALAB
 
     def load(self) -> type[Strategy]:
         """The strategy's class, imported on first use (it imports torch)."""
@@ -73,6 +80,8 @@ STRATEGIES: tuple[StrategySpec, ...] = (
                  f"{_PKG}.qlora:QLoRA", uses_lora=True, quantized=True),
     StrategySpec("lora-ptq", "LoRA in float, then merged and post-training quantized",
                  f"{_PKG}.lora_ptq:LoRAPTQ", uses_lora=True, quantized=True),
+    StrategySpec("peft", "PEFT's own adapters (LoRA, or IA3, VeRA, ... by the peft mapping)",
+                 f"{_PKG}.peft:PEFTAdapters", uses_lora=True, library=PEFT),
 )
 """Every method, in the order the CLI lists them and the report shows them."""
 
