@@ -27,7 +27,9 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(spec, out_dir)
     if not args.report_only:
-        study.run_study(spec, out_dir, progress=lambda msg: print(msg, flush=True), bar=True)
+        study.run_study(spec, out_dir, progress=lambda msg: print(msg, flush=True), bar=True,
+                        jobs=args.jobs, executor=args.executor, ray_address=args.ray_address,
+                        ray_cpus=args.ray_cpus)
     written = write.write_report(out_dir, study=spec.name)
     data = collect.load(out_dir, spec.name)[0]
     print()

@@ -189,6 +189,8 @@ COMPARE_EPILOG = "examples:\n  loralab compare                                  
   loralab compare distilbert-imdb-offline --seeds 3   # a bundled study by name, 3 seeds each
   loralab compare my-study.yaml --report-only      # rebuild the report, train nothing
   loralab compare default budget.max_steps=5 seeds=3 strategies.lora-2.rank=16 --dry-run
+  loralab compare my-study.yaml --jobs 4           # 4 runs at once: one GPU each (or CPU cores)
+  loralab compare my-study.yaml --executor ray --ray-address auto   # runs as Ray tasks
 
 KEY=VALUE overrides change the study file's mapping before it is validated (dotted keys; list
 items by index or by name; values parsed as YAML; null removes a key): an override is checked
@@ -201,6 +203,11 @@ always a row; quantized strategies add a Quantization section (size, latency, me
 Output: OUT/<study name>/ with results.sqlite (one row per run), runs/<strategy>-seed<N>/,
 report.md, report.html (self-contained), results.csv and plots/. Interrupt it at any point and
 run the same command again: finished runs are skipped, unfinished ones resume.
+
+Several compare processes may run the same study at once (in several terminals, on several
+machines sharing OUT, or as --jobs N workers): each run is claimed under a lease in
+results.sqlite and trained once; a run whose process died is taken over and resumed from its
+last checkpoint.
 """
 
 
@@ -243,6 +250,20 @@ def add_compare_parser(p: argparse.ArgumentParser) -> None:
                    help="trackers of every run: tensorboard (default), wandb (grouped by "
                    "study), mlflow (one experiment per study), comma-separated, or none; "
                    "overrides the study's report_to and never re-trains finished runs")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once in N worker processes on this machine: one GPU "
+                        "each, or an equal share of the CPU cores (default 1: in this "
+                        "process); each worker's output goes to OUT/<study>/workers/")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: this machine (default); ray: each run is a Ray task on the "
+                        "cluster at --ray-address, or on a local Ray instance (pip install "
+                        "'loralab[ray]'; OUT must be on storage every node sees)")
+    p.add_argument("--ray-address", dest="ray_address", metavar="ADDR",
+                   help="the Ray cluster for --executor ray (auto, ray://HOST:10001, "
+                        "HOST:6379; default: start a local instance)")
+    p.add_argument("--ray-cpus", dest="ray_cpus", type=int, metavar="K",
+                   help="CPUs per run for --executor ray on a cluster without GPUs "
+                        "(default 4, at most a node's CPUs); with GPUs each run takes one GPU")
 
 
 def add_runs_parser(p: argparse.ArgumentParser) -> None:

@@ -16,15 +16,19 @@ What differs between them, and so lives here: wrapping or sharding the module a 
 calls, the per-micro-batch gradient-sync context, the gradient norm over shards, the all-reduce
 of the step loss, barriers, gathering the whole state for a checkpoint and restoring it, which
 module evaluation calls, which ranks evaluate and write, and which storages the saved-tensor
-tracker skips. Processes join through `torchrun --nproc-per-node N` (gloo on CPU, NCCL on GPU).
+tracker skips. Processes join through `torchrun --nproc-per-node N` (gloo on CPU, NCCL on GPU),
+on one machine or several (`--nnodes M`: global rank 0 alone writes the run directory, which
+must be on storage every node reads, `check_shared`; each process uses GPU `LOCAL_RANK`).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -44,6 +48,11 @@ if TYPE_CHECKING:
 
 StateDicts = tuple[dict[str, torch.Tensor], dict | None]
 """(model tensors, optimizer state in `optimizer.state_dict()`'s layout or None)."""
+
+SHARED_WAIT_SECONDS = 120.0
+"""How long a process waits to see a file rank 0 wrote before `check_shared` fails: NFS
+clients cache a name's absence for up to `acdirmax` (60 s by default), so a shared file may
+appear late on another node; a node with its own disk never sees it."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,30 @@ class Distribution:
     def barrier(self) -> None:
         if self.world > 1:
             tdist.barrier()
+
+    def check_shared(self, path: Path, wait: float | None = None) -> None:
+        """Check that every process reads `path`, a file rank 0 wrote before the call (every
+        rank must call it): the run directory is on storage all nodes share. Only rank 0
+        writes the run directory, but every process reads its checkpoints on resume and,
+        under FSDP, the best checkpoint; with a directory per node the other nodes would
+        resume nothing, or restore nothing while rank 0 restores, and train or evaluate a
+        different model without an error. A process that does not see `path` polls for up to
+        `wait` seconds (`SHARED_WAIT_SECONDS` when None). Raises UserError on every rank
+        when some process cannot see it; a no-op in one process."""
+        if self.world == 1:
+            return
+        self.barrier()  # rank 0's write is done
+        wait = SHARED_WAIT_SECONDS if wait is None else wait
+        deadline = time.monotonic() + wait
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        missing = torch.tensor([0 if path.exists() else 1], device=self.device)
+        tdist.all_reduce(missing)
+        if int(missing.item()):
+            raise UserError(
+                f"{int(missing.item())} of {self.world} processes cannot read {path}, which rank "
+                f"0 wrote: put the run directory (--out) on storage every node sees (NFS, "
+                "Lustre, ...), since all processes read its checkpoints")
 
     # checkpoints
     def gather_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -193,3 +193,25 @@ def test_run_fn_hands_train_its_costs_and_generation_hook(monkeypatch, tmp_path)
     config["eval_sets"] = [{"name": "plain"}]  # nothing to generate: no hook
     st.default_run_fn(config, False)
     assert seen["after_evaluation"] is None
+
+
+def test_run_study_messages_of_one_process_and_its_checks(tmp_path):
+    """One process alone says what it always said; bad --jobs / --executor are one line."""
+    s = st.parse_study(BASE)
+    said: list = []
+    st.run_study(s, tmp_path, run_fn=fake_run_fn([]), progress=said.append)
+    assert said[0].startswith("study 't': 3 runs (3 strategies x 1 seeds), 0 finished, 3 to run")
+    assert said[1:7:2] == [f"[{i}/3] {name} seed 0: training ({method}{extra}) ..."
+                           for i, name, method, extra in (
+                               (1, "untuned", "none", ", lr=0.001, max_steps=2"),
+                               (2, "head", "head", ", lr=0.001, max_steps=2"),
+                               (3, "lora-r1", "lora",
+                                ", preset=qv, rank=1, alpha=2.0, lr=0.001, max_steps=2"))]
+    assert said[2].startswith("[1/3] untuned seed 0: finished in 0 s: rt-snippets f1 0.5")
+    assert said[-1].startswith("study 't' done in")
+    with pytest.raises(UserError, match="--jobs must be at least 1, got 0"):
+        st.run_study(s, tmp_path, jobs=0)
+    with pytest.raises(UserError, match="--jobs is for the local executor"):
+        st.run_study(s, tmp_path, jobs=2, executor="ray")
+    with pytest.raises(UserError, match="unknown executor 'slurm'"):
+        st.run_study(s, tmp_path, executor="slurm")
