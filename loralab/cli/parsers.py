@@ -51,9 +51,10 @@ STUDY_ONLY = ("tracking_group", "tracking_dir")
 
 def add_train_parser(p: argparse.ArgumentParser) -> None:
     """`loralab train`: --config, one option per TrainConfig field, --resume."""
-    describe(p, "Train one run: full, head-only, LoRA or LoRA+head fine-tuning (or none: "
-             "evaluate), measuring parameters, time, memory, FLOPs and artifact size into "
-             "RUN/record.json.", TRAIN_EPILOG.format(methods=methods_text()))
+    describe(p, "Train one run with one fine-tuning method (full, head-only, LoRA and its "
+             "variants, quantized LoRA, PEFT's own adapters; or none: evaluate), measuring "
+             "parameters, time, memory, FLOPs and artifact size into RUN/record.json.",
+             TRAIN_EPILOG.format(methods=methods_text()))
     p.add_argument("--config", metavar="FILE.yaml",
                    help="YAML mapping of TrainConfig fields; command-line options override it")
     add_config_options(p, [n for n in config_fields() if n not in STUDY_ONLY])
@@ -198,8 +199,8 @@ exactly as the same value in the file. --dry-run prints the resolved study and i
 runs would train, resume or be skipped) and trains nothing.
 
 A study file fixes the model, task, training and evaluation data and the budget, and lists the
-strategies (none, full, head, lora, lora-head, qat-lora, qlora, lora-ptq). The untuned model is
-always a row; quantized strategies add a Quantization section (size, latency, merge drift).
+strategies (none, full, head, lora, lora-head, qat-lora, qlora, lora-ptq, peft). The untuned
+model is always a row; quantized strategies add a Quantization section (size, latency, merge drift).
 Output: OUT/<study name>/ with results.sqlite (one row per run), runs/<strategy>-seed<N>/,
 report.md, report.html (self-contained), results.csv and plots/. Interrupt it at any point and
 run the same command again: finished runs are skipped, unfinished ones resume.
@@ -263,7 +264,8 @@ def add_compare_parser(p: argparse.ArgumentParser) -> None:
                         "HOST:6379; default: start a local instance)")
     p.add_argument("--ray-cpus", dest="ray_cpus", type=int, metavar="K",
                    help="CPUs per run for --executor ray on a cluster without GPUs "
-                        "(default 4, at most a node's CPUs); with GPUs each run takes one GPU")
+                        "(default 4, at most a node's CPUs); where the cluster has GPUs each run "
+                        "takes one GPU and K CPUs (default 1)")
 
 
 def add_runs_parser(p: argparse.ArgumentParser) -> None:

@@ -175,6 +175,21 @@ def test_other_peft_types_train(tmp_path):
     # IA3: one scaling vector per adapted layer (4 layers of width 32) + the head's copy
     head = sum(p.numel() for p in tiny_bert().classifier.parameters())
     assert rec["costs"]["trainable_params"] == 4 * 32 + head
+    # the artefact loads: IA3's feedforward_modules must be a subset of its target_modules
+    # (PEFT's BERT default names output.dense, not among the attention targets)
+    assert set(saved["feedforward_modules"]) <= set(saved["target_modules"])
+    from peft import PeftModel
+
+    PeftModel.from_pretrained(tiny_bert(), tmp_path / "run" / "adapter")
+
+
+def test_ia3_feedforward_modules_follow_the_targets():
+    ia3, _ = peft_strategy.peft_config(TrainConfig(
+        method="peft", task="classify", preset="attn-proj-ffn", peft={"type": "ia3"}),
+        tiny_bert())
+    assert ia3.feedforward_modules and set(ia3.feedforward_modules) < set(ia3.target_modules)
+    assert all(name.endswith(("intermediate.dense", "output.dense"))
+               for name in ia3.feedforward_modules)
 
 
 @pytest.mark.parametrize("mapping,match", [

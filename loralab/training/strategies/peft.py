@@ -151,6 +151,12 @@ def peft_config(config: TrainConfig, model: nn.Module) -> tuple[Any, list[str]]:
             notes.append(f"peft: preset {config.preset!r} adapts column blocks of a fused "
                          "layer in loralab; PEFT adapts the whole layer "
                          f"({', '.join(sorted(t.name for t in targets if t.slices))[:80]})")
+    if "feedforward_modules" in valid and mapping.get("feedforward_modules") is None:
+        # IA3 scales the input of feed-forward targets, the output of the others; PEFT's
+        # per-architecture default names modules that may not be among our targets, and an
+        # adapter whose feedforward_modules are not a subset of target_modules cannot load.
+        filled["feedforward_modules"] = _feedforward(model, mapping.get(
+            "target_modules") or filled.get("target_modules") or [])
     if "task_type" in valid and mapping.get("task_type") is None:
         filled["task_type"] = "SEQ_CLS" if config.task == "classify" else "CAUSAL_LM"
     if ("modules_to_save" in valid and mapping.get("modules_to_save") is None
@@ -161,6 +167,20 @@ def peft_config(config: TrainConfig, model: nn.Module) -> tuple[Any, list[str]]:
     except (TypeError, ValueError) as exc:
         raise UserError(f"peft: {cls.__name__} refused the mapping: "
                         f"{' '.join(str(exc).split())[:300]}; fix the peft mapping") from None
+
+
+def _feedforward(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """The feed-forward modules among `targets`: those the `attn-proj-ffn` preset adds to
+    `attn-proj` (loralab.lora.targets), so IA3's `feedforward_modules` is always a subset of
+    its `target_modules`."""
+    if isinstance(targets, str):
+        return []
+    try:
+        ffn = ({t.name for t in resolve_targets(model, "attn-proj-ffn")}
+               - {t.name for t in resolve_targets(model, "attn-proj")})
+    except UserError:  # an architecture without presets: no module is known as feed-forward
+        return []
+    return [name for name in targets if name in ffn]
 
 
 def _head_copies(model: nn.Module) -> set[int]:
