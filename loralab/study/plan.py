@@ -104,6 +104,15 @@ def run_config(study: Study, strategy: Strategy, seed: int, run_dir: Path) -> di
     return config
 
 
+def study_header(study: Study, todo: int, out_dir: Path) -> str:
+    """The line every executor prints first: `study 'x': N runs (S strategies x K seeds),
+    F finished, T to run; output DIR`."""
+    total = len(study.strategies) * len(study.seeds)
+    return (f"study '{study.name}': {total} runs ({len(study.strategies)} strategies x "
+            f"{len(study.seeds)} seeds), {total - todo} finished, {todo} to run; output "
+            f"{out_dir}")
+
+
 def run_matrix(study: Study, out_dir: Path, *, native_bf16: bool | None = None
                ) -> list[RunSpec]:
     """All runs of the study, seed-major so a partial study already covers every strategy.

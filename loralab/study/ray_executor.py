@@ -35,7 +35,14 @@ from loralab.errors import UserError
 from loralab.progress import Progress
 from loralab.results.database import DB_NAME, LEASE_SECONDS, Owner, ResultsDB
 from loralab.study.leases import HEARTBEAT_SECONDS, Heartbeat, claim_next, open_runs
-from loralab.study.plan import RunSpec, check_configs, describe_run, disk_action, stored_record
+from loralab.study.plan import (
+    RunSpec,
+    check_configs,
+    describe_run,
+    disk_action,
+    stored_record,
+    study_header,
+)
 from loralab.study.runner import RunFn, default_run_fn, prepare_run_dir, record_outcome
 from loralab.study.spec import Study, study_summary
 
@@ -156,10 +163,7 @@ def run_on_ray(study: Study, out_dir: str | os.PathLike, *, run_fn: RunFn | None
     with ResultsDB(out_dir / DB_NAME) as db:
         db.save_study(study.name, study_summary(study), study.path)
         todo = len(open_runs(study, out_dir, db, failed_before=failed_before))
-        total = len(study.strategies) * len(study.seeds)
-        progress(f"study '{study.name}': {total} runs ({len(study.strategies)} strategies x "
-                 f"{len(study.seeds)} seeds), {total - todo} finished, {todo} to run; output "
-                 f"{out_dir}")
+        progress(study_header(study, todo, out_dir))
         if todo:  # a finished study needs no cluster
             started = _connect(ray, address)
             try:

@@ -31,6 +31,7 @@ from loralab.study.plan import (
     describe_run,
     plan,
     stored_record,
+    study_header,
     to_train_config,
 )
 from loralab.study.runs import model_from_record
@@ -103,9 +104,7 @@ def run_study(study: Study, out_dir: str | os.PathLike, *, run_fn: RunFn | None 
         db.save_study(study.name, study_summary(study), study.path)
         actions = list(plan(study, out_dir, db))
         todo = sum(a != "skip" for _, a in actions)
-        progress(f"study '{study.name}': {len(actions)} runs ({len(study.strategies)} strategies"
-                 f" x {len(study.seeds)} seeds), {len(actions) - todo} finished, {todo} to run;"
-                 f" output {out_dir}")
+        progress(study_header(study, todo, out_dir))
         t_study = time.perf_counter()
         shown = Progress(f"study {study.name}", todo, "run", "runs", enabled=bar and todo > 0,
                          lines=todo)

@@ -30,7 +30,7 @@ import torch
 from loralab.errors import UserError
 from loralab.results.database import DB_NAME, LEASE_SECONDS, ResultsDB, lease_alive
 from loralab.study.leases import run_done
-from loralab.study.plan import RunSpec, check_configs, plan, run_matrix
+from loralab.study.plan import RunSpec, check_configs, plan, run_matrix, study_header
 from loralab.study.spec import Study, study_summary
 
 WORKER_CODE = ("import sys; from loralab.study.runner import run_study; "
@@ -271,9 +271,7 @@ def run_jobs(study: Study, out_dir: str | os.PathLike, jobs: int, *,
         db.save_study(study.name, study_summary(study), study.path)
         actions = list(plan(study, out_dir, db))
         todo = sum(a != "skip" for _, a in actions)
-        progress(f"study '{study.name}': {len(actions)} runs ({len(study.strategies)} strategies"
-                 f" x {len(study.seeds)} seeds), {len(actions) - todo} finished, {todo} to run;"
-                 f" output {out_dir}")
+        progress(study_header(study, todo, out_dir))
         if todo == 0:
             return db.list_runs(study=study.name)
         logs = out_dir / LOG_DIR
